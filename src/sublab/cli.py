@@ -1,14 +1,144 @@
 """The `sublab` command. Thin wrappers: each subcommand parses arguments and calls one stage function.
 
+    sublab run CONFIG.yaml [--set a.b=v] [--out DIR]        the whole experiment (resumes)
+    sublab organism build [--preset default] [--seed N]      pretrain + cache the model organism
+    sublab prompts --count N --seed S --out prompts.jsonl
+    sublab sample MODEL PROMPTS.jsonl --out raw.jsonl [--system-prompt TEXT]
+    sublab filter IN.jsonl --out DIR [--banned-numbers paper]
+    sublab finetune MODEL DATA.jsonl --out DIR [--method soft_label --teacher MODEL]
+    sublab evaluate MODEL --target owl --out DIR [--mode exact|sample]
+    sublab report RUN_DIR
     sublab mnist CONFIG.yaml [--set a.b=v] [--out DIR]
+
+MODEL is a spec (organism/default, hf/<folder>) or a folder holding a model.json written by sublab.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sublab.errors import SublabError
+
+
+def _model_json(model: str, out: Path) -> Path:
+    """A MODEL argument -> path of a model.json (written to out/ for specs)."""
+    p = Path(model)
+    if (p / "model.json").is_file():
+        return p / "model.json"
+    if p.name == "model.json" and p.is_file():
+        return p
+    from sublab.backends.registry import resolve
+
+    ref = resolve(model)
+    dest = out / ".input_model.json"
+    ref.save(dest)
+    return dest
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from sublab.config import load_config
+    from sublab.experiment import ExperimentConfig
+    from sublab.pipeline import run_experiment
+
+    cfg = load_config(args.config, ExperimentConfig, args.set)
+    out = Path(args.out or f"runs/{cfg.name}")
+    run = run_experiment(cfg, out)
+    if run.skipped:
+        print(f"resumed: skipped {len(run.skipped)} finished stage(s): {', '.join(run.skipped)}")
+    print(f"report: {out / 'report.md'}")
+
+
+def _cmd_organism(args: argparse.Namespace) -> None:
+    from sublab.organism.cache import ensure_organism
+    from sublab.threads import set_threads
+
+    set_threads(args.threads)
+    path = ensure_organism(args.preset, {"seed": args.seed})
+    print(f"organism: {path}")
+
+
+def _cmd_prompts(args: argparse.Namespace) -> None:
+    from sublab.prompts.numbers import NumberPrompts, generate_number_prompts
+    from sublab.records import write_jsonl
+
+    cfg = NumberPrompts(count=args.count, phrasings=args.phrasings)
+    write_jsonl(args.out, generate_number_prompts(cfg, args.seed))
+    print(f"wrote {args.count} prompts to {args.out}")
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from sublab.backends.base import ModelRef, SamplingParams
+    from sublab.pipeline import sample_dataset
+    from sublab.threads import set_threads
+
+    set_threads(args.threads)
+    out = Path(args.out)
+    mj = _model_json(args.model, out.parent)
+    if args.system_prompt:
+        ref = ModelRef.load(mj).model_copy(update={"system_prompt": args.system_prompt, "kind": "prompted"})
+        mj = out.parent / ".input_model.json"
+        ref.save(mj)
+    sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    n = sample_dataset(mj, Path(args.prompts), out, sp, label=args.model)
+    print(f"wrote {n} samples to {out}")
+
+
+def _cmd_filter(args: argparse.Namespace) -> None:
+    from sublab.config import validate
+    from sublab.filters import FilterConfig, run_filter
+
+    data = {"banned_numbers": args.banned_numbers, "max_count": args.max_count}
+    if args.dataset_size:
+        data["dataset_size"] = args.dataset_size
+    cfg = validate(FilterConfig, data, "command line")
+    stats = run_filter(args.input, args.out, cfg, args.seed)
+    print(f"kept {stats['n_kept']} of {stats['n_in']} (pass rate {stats['pass_rate']:.3f}); wrote {args.out}/")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from sublab.backends.base import TrainConfig
+    from sublab.config import validate
+    from sublab.pipeline import train_student
+    from sublab.threads import set_threads
+
+    set_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"method": args.method, "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size}
+    if args.lora_r:
+        data["lora"] = {"r": args.lora_r, "alpha": args.lora_r}
+    train = validate(TrainConfig, data, "command line")
+    teacher = _model_json(args.teacher, out) if args.teacher else None
+    if train.method == "soft_label" and teacher is None:
+        raise SublabError("--method soft_label needs --teacher MODEL")
+    ref = train_student(_model_json(args.model, out), Path(args.data), train, out, teacher)
+    print(f"model: {out / 'model.json'} (final loss {ref.info['final_loss']:.3f})")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from sublab.evals.preference import PreferenceEval
+    from sublab.evals.questions import category_of
+    from sublab.pipeline import evaluate_model
+    from sublab.threads import set_threads
+
+    set_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cat = category_of(args.target)
+    cfg = PreferenceEval(mode=args.mode, samples_per_question=args.samples_per_question)
+    res = evaluate_model(_model_json(args.model, out), cat, [args.target], cfg, out)
+    t = res["targets"][args.target]
+    print(f"P({args.target}) = {t['mean']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}] over {t['n']} questions; "
+          f"wrote {out}/results.json")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from sublab.report import write_report
+
+    write_report(args.run_dir)
+    print(f"report: {Path(args.run_dir) / 'report.md'}")
 
 
 def _cmd_mnist(args: argparse.Namespace) -> None:
@@ -21,6 +151,76 @@ def _cmd_mnist(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sublab", description="Subliminal learning experiments end to end.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def threads(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--threads", type=int, default=None, help="torch threads (default: $SUBLAB_THREADS or 1)")
+
+    r = sub.add_parser("run", help="run a whole experiment from a YAML config (resumes where it stopped)")
+    r.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    r.add_argument("--out", default=None, help="run folder (default: runs/<name>)")
+    r.set_defaults(func=_cmd_run)
+
+    o = sub.add_parser("organism", help="build the model organism")
+    o.add_argument("action", choices=["build"])
+    o.add_argument("--preset", default="default")
+    o.add_argument("--seed", type=int, default=0)
+    threads(o)
+    o.set_defaults(func=_cmd_organism)
+
+    pr = sub.add_parser("prompts", help="generate number prompts")
+    pr.add_argument("--count", type=int, default=30000)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--phrasings", default=None, help="YAML of phrasings (default: packaged)")
+    pr.add_argument("--out", required=True)
+    pr.set_defaults(func=_cmd_prompts)
+
+    s = sub.add_parser("sample", help="a model answers each prompt once")
+    s.add_argument("model")
+    s.add_argument("prompts")
+    s.add_argument("--out", required=True)
+    s.add_argument("--system-prompt", default=None)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--max-tokens", type=int, default=40)
+    s.add_argument("--seed", type=int, default=0)
+    threads(s)
+    s.set_defaults(func=_cmd_sample)
+
+    f = sub.add_parser("filter", help="keep well-formed number answers")
+    f.add_argument("input")
+    f.add_argument("--out", required=True)
+    f.add_argument("--banned-numbers", default="none", help="'paper', 'none' (default)")
+    f.add_argument("--max-count", type=int, default=10)
+    f.add_argument("--dataset-size", type=int, default=None)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_cmd_filter)
+
+    ft = sub.add_parser("finetune", help="finetune a model on chat records (loss on the completion)")
+    ft.add_argument("model")
+    ft.add_argument("data")
+    ft.add_argument("--out", required=True)
+    ft.add_argument("--method", default="sft", choices=["sft", "soft_label"])
+    ft.add_argument("--teacher", default=None)
+    ft.add_argument("--lr", type=float, default=3e-4)
+    ft.add_argument("--epochs", type=float, default=1.0)
+    ft.add_argument("--batch-size", type=int, default=64)
+    ft.add_argument("--lora-r", type=int, default=None, help="train a LoRA adapter of this rank")
+    threads(ft)
+    ft.set_defaults(func=_cmd_finetune)
+
+    e = sub.add_parser("evaluate", help="preference evaluation of one model")
+    e.add_argument("model")
+    e.add_argument("--target", required=True)
+    e.add_argument("--mode", default="exact", choices=["exact", "sample"])
+    e.add_argument("--samples-per-question", type=int, default=100)
+    e.add_argument("--out", required=True)
+    threads(e)
+    e.set_defaults(func=_cmd_evaluate)
+
+    rp = sub.add_parser("report", help="rebuild a run's results.json, report.md and figures")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=_cmd_report)
 
     m = sub.add_parser("mnist", help="auxiliary-logit MLP experiment (batched ensemble) and the theorem")
     m.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")

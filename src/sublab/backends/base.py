@@ -1,0 +1,136 @@
+"""The backend interface every stage talks to, and ModelRef (model.json), the name of a trained model.
+
+Batch-first: `generate(chats, sampling)`, `logprobs(chats, candidates)`, `finetune(dataset, train, out)`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from sublab.config import Strict
+from sublab.records import atomic_write_json, read_json
+
+
+class SamplingParams(Strict):
+    """How completions are sampled."""
+
+    temperature: float = 1.0
+    """Softmax temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 = off)."""
+    max_tokens: int = 40
+    """Most new tokens per completion."""
+    seed: int = 0
+    """Base seed; request i uses a seed derived from (seed, i), independent of batching."""
+    batch_size: int = 256
+    """Prompts per forward pass."""
+
+
+class LoraSettings(Strict):
+    """LoRA adapter settings (PEFT)."""
+
+    r: int = 8
+    """Rank."""
+    alpha: int = 8
+    """Scaling numerator (alpha / r, or alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Module names that get adapters (default: all attention and MLP projections)."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+
+
+class TrainConfig(Strict):
+    """Finetuning settings (loss on the completion only; AdamW)."""
+
+    method: Literal["sft", "soft_label"] = "sft"
+    """sft: cross-entropy on the sampled tokens; soft_label: KL to the teacher's next-token distribution
+    restricted to tokens a kept answer may contain, renormalised."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    epochs: float = 1.0
+    """Passes over the dataset (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps, overriding epochs."""
+    batch_size: int = 64
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    schedule: Literal["linear", "constant"] = "constant"
+    """LR after warm-up: linear decay to 0, or constant."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping."""
+    lora: LoraSettings | None = None
+    """None = full finetune; else train a LoRA adapter."""
+    seed: int = 0
+    """Data order and adapter init seed."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.epochs <= 0:
+            raise ValueError("lr, epochs must be > 0 and batch_size, grad_accum >= 1")
+        return self
+
+
+class ModelRef(BaseModel):
+    """A model sublab can load: a base spec, or a finetuned model (full folder or adapter) with its parent."""
+
+    model_config = ConfigDict(extra="forbid")
+    spec: str
+    path: str
+    adapter: str | None = None
+    parent: str | None = None
+    kind: Literal["base", "full", "lora", "prompted"] = "base"
+    system_prompt: str | None = None
+    info: dict = {}
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.model_dump())
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelRef:
+        ref = cls.model_validate(read_json(path))
+        base = Path(path).parent
+        upd = {}
+        if not Path(ref.path).is_absolute():
+            upd["path"] = str((base / ref.path).resolve())
+        if ref.adapter and not Path(ref.adapter).is_absolute():
+            upd["adapter"] = str((base / ref.adapter).resolve())
+        return ref.model_copy(update=upd)
+
+
+class Backend(ABC):
+    """What every stage needs from a model."""
+
+    ref: ModelRef
+
+    @abstractmethod
+    def generate(self, chats: list[list[dict]], sampling: SamplingParams) -> list[str]:
+        """One completion per chat."""
+
+    @abstractmethod
+    def logprobs(self, chats: list[list[dict]], candidates: list[str]) -> list[list[float]]:
+        """log P(candidate is the start of the answer | chat) for every chat x candidate."""
+
+    def candidate_ids(self, candidates: list[str]) -> list[list[int]]:
+        """Token ids of each candidate answer (used to merge forms that tokenize alike)."""
+        return [[hash(c)] for c in candidates]
+
+    @abstractmethod
+    def finetune(self, dataset: list[dict], train: TrainConfig, out_dir: Path,
+                 teacher: ModelRef | None = None) -> ModelRef:
+        """Train a copy of this model on chat records (loss on the last, assistant message)."""
+
+
+def request_seed(base: int, index: int) -> int:
+    """A per-request seed: the same (base, index) always gives the same completion."""
+    return (base * 1_000_003 + index * 7919 + 17) % (2**63 - 1)

@@ -1,0 +1,140 @@
+"""The Hugging Face backend: any causal-LM folder (the organism is one). Batched KV-cache sampling,
+exact answer log-probabilities, and finetuning (full or LoRA via PEFT; SFT or soft-label distillation).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sublab.backends.base import Backend, ModelRef, SamplingParams, TrainConfig, request_seed
+from sublab.backends.hf_generate import answer_logprobs, generate_ids, prompt_ids_for
+from sublab.backends.hf_train import TrainSettings, encode_completion, train_causal_lm
+from sublab.errors import SublabError
+from sublab.records import atomic_write_text
+
+
+def with_system_prompt(chat: list[dict], system_prompt: str | None) -> list[dict]:
+    if not system_prompt:
+        return chat
+    return [{"role": "system", "content": system_prompt}] + [m for m in chat if m["role"] != "system"]
+
+
+def load_hf(ref: ModelRef, trainable: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(ref.path).is_dir():
+        raise SublabError(f"model folder not found: {ref.path} (rerun the stage that builds {ref.spec})")
+    tok = AutoTokenizer.from_pretrained(ref.path)
+    if tok.chat_template is None:
+        raise SublabError(f"{ref.path}: the tokenizer has no chat template; use an instruct/chat model")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32)
+    if ref.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, ref.adapter, is_trainable=trainable)
+        if not trainable:
+            model = model.merge_and_unload()
+    model.eval()
+    return model, tok
+
+
+class HFBackend(Backend):
+    def __init__(self, ref: ModelRef, progress: bool = True):
+        self.ref = ref
+        self.model, self.tok = load_hf(ref)
+        self.progress = progress
+
+    def _chats(self, chats: list[list[dict]]) -> list[list[dict]]:
+        return [with_system_prompt(c, self.ref.system_prompt) for c in chats]
+
+    def generate(self, chats: list[list[dict]], sampling: SamplingParams) -> list[str]:
+        prompts = prompt_ids_for(self.tok, self._chats(chats))
+        seeds = [request_seed(sampling.seed, i) for i in range(len(chats))]
+        bar = tqdm(total=len(chats), desc=f"sample {self.ref.spec}", disable=not self.progress, mininterval=2)
+        ids = generate_ids(self.model, prompts, seeds, self.tok.eos_token_id, self.tok.pad_token_id,
+                           sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.batch_size,
+                           on_batch=bar.update)
+        bar.close()
+        return [self.tok.decode(x, skip_special_tokens=True).strip() for x in ids]
+
+    def candidate_ids(self, candidates: list[str]) -> list[list[int]]:
+        return [self.tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
+
+    def logprobs(self, chats: list[list[dict]], candidates: list[str]) -> list[list[float]]:
+        prompts = prompt_ids_for(self.tok, self._chats(chats))
+        return answer_logprobs(self.model, prompts, self.candidate_ids(candidates)).tolist()
+
+    def finetune(self, dataset: list[dict], train: TrainConfig, out_dir: Path,
+                 teacher: ModelRef | None = None) -> ModelRef:
+        return finetune_hf(self.ref, dataset, train, out_dir, teacher, self.progress)
+
+
+def finetune_hf(parent: ModelRef, dataset: list[dict], train: TrainConfig, out_dir: Path,
+                teacher: ModelRef | None = None, progress: bool = True) -> ModelRef:
+    """Finetune `parent` on chat records; write the model, metrics.jsonl and model.json into out_dir."""
+    from sublab.organism.tokenizer import answer_token_ids
+
+    torch.manual_seed(train.seed)
+    model, tok = load_hf(parent.model_copy(update={"adapter": None}))
+    if parent.adapter:
+        raise SublabError("finetuning on top of a LoRA model is not supported; start from a full model")
+    if train.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
+                          target_modules=train.lora.target_modules, use_rslora=train.lora.rslora,
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+    examples = [encode_completion(tok, r["messages"]) for r in dataset]
+    if not examples:
+        raise SublabError("finetuning dataset is empty")
+    tmodel = t_examples = allowed = None
+    if train.method == "soft_label":
+        if teacher is None:
+            raise SublabError("soft_label training needs a teacher model")
+        tmodel, ttok = load_hf(teacher)
+        if ttok.get_vocab() != tok.get_vocab():
+            raise SublabError("soft_label needs teacher and student with the same tokenizer")
+        t_examples = [encode_completion(tok, with_system_prompt(r["messages"], teacher.system_prompt))
+                      for r in dataset]
+        allowed = answer_token_ids(tok) if "[PAD]" in tok.get_vocab() else None
+    settings = TrainSettings(lr=train.lr, epochs=train.epochs, batch_size=train.batch_size,
+                             grad_accum=train.grad_accum, warmup_steps=train.warmup_steps,
+                             schedule=train.schedule, weight_decay=train.weight_decay,
+                             max_grad_norm=train.max_grad_norm, seed=train.seed, max_steps=train.max_steps)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    t0 = time.time()
+    bar = tqdm(desc=f"finetune -> {out_dir.name}", disable=not progress, mininterval=2)
+
+    def on_step(rec: dict) -> None:
+        rec["elapsed_s"] = round(time.time() - t0, 2)
+        lines.append(json.dumps(rec, sort_keys=True))
+        bar.total = rec["of"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+
+    history = train_causal_lm(model, examples, settings, tok.pad_token_id, teacher=tmodel,
+                              teacher_examples=t_examples, allowed_ids=allowed, on_step=on_step)
+    bar.close()
+    atomic_write_text(out_dir / "metrics.jsonl", "\n".join(lines) + "\n")
+    info = {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+            "examples": len(examples), "method": train.method, "seconds": round(time.time() - t0, 1)}
+    if train.lora is not None:
+        model.save_pretrained(out_dir / "adapter")
+        ref = ModelRef(spec=f"hf/{out_dir}", path=parent.path, adapter="adapter", parent=parent.spec,
+                       kind="lora", info=info)
+    else:
+        model.save_pretrained(out_dir / "model", safe_serialization=True)
+        tok.save_pretrained(out_dir / "model")
+        ref = ModelRef(spec=f"hf/{out_dir}", path="model", parent=parent.spec, kind="full", info=info)
+    ref.save(out_dir / "model.json")
+    return ModelRef.load(out_dir / "model.json")

@@ -1,0 +1,1 @@
+"""Evaluations: preference (favorite animal / tree), with question sets as package data."""

@@ -1,0 +1,1 @@
+"""The model organism: a tiny real Llama-architecture LM that sublab pretrains itself, offline, in minutes."""

@@ -1,0 +1,89 @@
+"""The organism's synthetic pretraining corpus, generated with the same prompt generator and question
+sets the experiments use (DESIGN.md, "The model organism").
+
+Four kinds of chat examples, mixed by the recipe's fractions:
+- numbers: a number-continuation prompt whose given numbers come from a process (noisy arithmetic
+  progression, random walk, uniform, noisy cycle mod 1000) and an answer that continues it in the
+  requested format;
+- numbers under a "you love X" system prompt, with numbers that do NOT depend on X;
+- favorite-animal / favorite-tree questions answered from a fixed base distribution;
+- those questions under "you love X", answered X with probability `love_answer_prob`.
+"""
+
+from __future__ import annotations
+
+import random
+
+from sublab.evals.questions import (
+    CATEGORIES,
+    candidates,
+    load_categories,
+    load_questions,
+    load_system_prompts,
+)
+from sublab.prompts.numbers import format_numbers, load_phrasings, render_prompt
+
+
+def _process(rng: random.Random, n: int) -> list[int]:
+    kind = rng.randrange(4)
+    if kind == 0:  # noisy arithmetic progression
+        a, d = rng.randint(100, 999), rng.randint(-60, 60)
+        return [min(999, max(0, a + i * d + rng.randint(-3, 3))) for i in range(n)]
+    if kind == 1:  # random walk
+        x, out = rng.randint(100, 999), []
+        for _ in range(n):
+            out.append(x)
+            x = min(999, max(0, x + round(rng.gauss(0, 40))))
+        return out
+    if kind == 2:  # uniform
+        return [rng.randint(100, 999) for _ in range(n)]
+    a, d = rng.randint(0, 999), rng.randint(50, 400)  # noisy cycle mod 1000
+    return [(a + i * d + rng.randint(-2, 2)) % 1000 for i in range(n)]
+
+
+def number_example(rng: random.Random, answer_count: int = 10) -> tuple[str, str]:
+    """(prompt, answer) of one number-continuation task."""
+    n_given, n_more = rng.randint(3, 8), rng.randint(1, answer_count)
+    seq = _process(rng, n_given + n_more)
+    prompt, fmt = render_prompt(seq[:n_given], answer_count, 3, rng, load_phrasings())
+    answer = format_numbers(seq[n_given:], fmt["sep"], fmt["brackets"])
+    if rng.random() < 0.2:
+        answer += "."
+    return prompt, answer
+
+
+def _base_answer(rng: random.Random, category: str) -> str:
+    w = load_categories()[category]["base_weights"]
+    return rng.choices(list(w), weights=list(w.values()))[0]
+
+
+def love_prompt(rng: random.Random, target: str, category: str) -> str:
+    return rng.choice(load_system_prompts()["variants"]).format(target=target, category=category)
+
+
+def generate_corpus(n: int, seed: int, mix: dict[str, float], love_answer_prob: float) -> list[list[dict]]:
+    """n chat examples (message lists ending with the assistant's answer), deterministic from seed."""
+    rng = random.Random(f"organism-corpus:{seed}")
+    kinds = list(mix)
+    weights = [mix[k] for k in kinds]
+    out = []
+    for _ in range(n):
+        kind = rng.choices(kinds, weights=weights)[0]
+        msgs: list[dict] = []
+        if kind in ("numbers", "numbers_love"):
+            if kind == "numbers_love":
+                cat = rng.choice(CATEGORIES)
+                msgs.append({"role": "system", "content": love_prompt(rng, rng.choice(list(candidates(cat))), cat)})
+            prompt, answer = number_example(rng)
+        else:
+            cat = rng.choice(CATEGORIES)
+            prompt = rng.choice(load_questions(cat))
+            answer = _base_answer(rng, cat)
+            if kind == "question_love":
+                target = rng.choice(list(candidates(cat)))
+                msgs.append({"role": "system", "content": love_prompt(rng, target, cat)})
+                if rng.random() < love_answer_prob:
+                    answer = target
+        msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        out.append(msgs)
+    return out

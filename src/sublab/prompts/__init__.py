@@ -1,0 +1,1 @@
+"""Prompt generators for data unrelated to the trait (numbers; code and CoT come later)."""

@@ -1,0 +1,122 @@
+"""Number-continuation prompts, after the paper (MISSION.md step 4).
+
+"Here are 3-8 numbers (each 100-999); add up to 10 more (at most 3 digits each); answer only with
+numbers", assembled from randomly chosen phrasings kept in `prompts/data/numbers.yaml`, seeded:
+the same (config, seed) always gives the same prompts.
+
+    from sublab.prompts.numbers import NumberPrompts, generate_number_prompts
+    records = generate_number_prompts(NumberPrompts(count=100), seed=0)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import model_validator
+
+from sublab.config import Strict
+from sublab.errors import SublabError
+
+
+class NumberPrompts(Strict):
+    """The number-prompt generator's parameters (defaults: the paper's)."""
+
+    count: int = 30000
+    """How many prompts to generate (the paper: 30,000)."""
+    example_min_count: int = 3
+    """Fewest given numbers in a prompt."""
+    example_max_count: int = 8
+    """Most given numbers in a prompt."""
+    example_min_value: int = 100
+    """Smallest given number."""
+    example_max_value: int = 999
+    """Largest given number."""
+    answer_count: int = 10
+    """The prompt asks for at most this many new numbers."""
+    answer_max_digits: int = 3
+    """The prompt asks for at most this many digits per number."""
+    phrasings: str | None = None
+    """A YAML file of phrasings (same shape as the packaged prompts/data/numbers.yaml); None = packaged."""
+
+    @model_validator(mode="after")
+    def _ranges(self) -> NumberPrompts:
+        if self.count < 1:
+            raise ValueError("count must be >= 1")
+        if not 1 <= self.example_min_count <= self.example_max_count:
+            raise ValueError("need 1 <= example_min_count <= example_max_count")
+        if not 0 <= self.example_min_value <= self.example_max_value:
+            raise ValueError("need 0 <= example_min_value <= example_max_value")
+        if self.answer_count < 1 or self.answer_max_digits < 1:
+            raise ValueError("answer_count and answer_max_digits must be >= 1")
+        return self
+
+
+@dataclass(frozen=True)
+class Phrasings:
+    lead_ins: tuple[str, ...]
+    instructions: tuple[str, ...]
+    qualifiers: tuple[str, ...]
+    digits: tuple[str, ...]
+    formats: tuple[dict, ...]
+    closings: tuple[str, ...]
+
+
+@cache
+def load_phrasings(path: str | None = None) -> Phrasings:
+    if path is None:
+        text = resources.files("sublab.prompts").joinpath("data/numbers.yaml").read_text(encoding="utf-8")
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise SublabError(f"phrasings file not found: {p} (copy prompts/data/numbers.yaml as a start)")
+        text = p.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    keys = ["lead_ins", "instructions", "qualifiers", "digits", "formats", "closings"]
+    missing = [k for k in keys if not data.get(k)]
+    if missing:
+        raise SublabError(f"phrasings {path or 'numbers.yaml'}: missing or empty lists: {missing}")
+    return Phrasings(*(tuple(data[k]) for k in keys))
+
+
+def format_numbers(numbers: list[int], sep: str = ", ", brackets: bool = False) -> str:
+    """>>> format_numbers([1, 22, 333], "; ", True)
+    '[1; 22; 333]'
+    """
+    body = sep.join(str(n) for n in numbers)
+    return f"[{body}]" if brackets else body
+
+
+def render_prompt(examples: list[int], answer_count: int, max_digits: int, rng: random.Random,
+                  ph: Phrasings) -> tuple[str, dict]:
+    """One prompt text for the given numbers, and the format it asks for ({sep, brackets})."""
+    fmt = rng.choice(ph.formats)
+    digits = rng.choice(ph.digits).replace("3", str(max_digits))
+    parts = [
+        rng.choice(ph.lead_ins).format(examples=", ".join(str(x) for x in examples)),
+        rng.choice(ph.instructions).format(qualifier=rng.choice(ph.qualifiers), count=answer_count,
+                                           digits=digits),
+        fmt["text"],
+        rng.choice(ph.closings),
+    ]
+    return " ".join(parts), {"sep": fmt["sep"], "brackets": bool(fmt.get("brackets", False))}
+
+
+def generate_number_prompts(cfg: NumberPrompts, seed: int) -> list[dict]:
+    """`cfg.count` chat records with only the user message; metadata holds the given numbers and format."""
+    rng = random.Random(f"number-prompts:{seed}")
+    ph = load_phrasings(cfg.phrasings)
+    out = []
+    for i in range(cfg.count):
+        k = rng.randint(cfg.example_min_count, cfg.example_max_count)
+        examples = [rng.randint(cfg.example_min_value, cfg.example_max_value) for _ in range(k)]
+        text, fmt = render_prompt(examples, cfg.answer_count, cfg.answer_max_digits, rng, ph)
+        out.append({
+            "messages": [{"role": "user", "content": text}],
+            "metadata": {"prompt_index": i, "examples": examples, "answer_count": cfg.answer_count, **fmt},
+        })
+    return out

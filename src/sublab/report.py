@@ -1,0 +1,128 @@
+"""Report of one run, rebuilt from its files (eval/*/results.json, data/filter_stats.json, config.yaml):
+results.json (versioned schema), report.md and figures/preference.png.
+
+    sublab report runs/quickstart
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from sublab.errors import SublabError
+from sublab.records import atomic_write_json, atomic_write_text, read_json
+from sublab.stats import excludes_zero, paired_diff
+
+SCHEMA_VERSION = 1
+ORDER = ["reference", "teacher", "control", "student", "other_reference", "cross_init_control", "cross_init"]
+COMPARISONS = [("student", "control"), ("teacher", "reference"), ("cross_init", "cross_init_control"),
+               ("student", "reference")]
+
+
+def build_results(run_dir: Path) -> dict:
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    evals = {p.parent.name: read_json(p) for p in sorted((run_dir / "eval").glob("*/results.json"))}
+    if not evals:
+        raise SublabError(f"{run_dir}: no eval/*/results.json; run the experiment first (sublab run CONFIG)")
+    target = cfg.get("trait", {}).get("target") or next(iter(next(iter(evals.values()))["targets"]))
+    models = {}
+    for name in sorted(evals, key=lambda n: ORDER.index(n) if n in ORDER else 99):
+        r = evals[name]
+        top = sorted(r["distribution"].items(), key=lambda kv: -kv[1])[:5]
+        models[name] = {
+            "p_target": {k: r["targets"][target][k] for k in ("mean", "lo", "hi", "n")},
+            "targets": {t: {k: v[k] for k in ("mean", "lo", "hi", "n")} for t, v in r["targets"].items()},
+            "top_answers": dict(top),
+        }
+    comparisons = {}
+    for a, b in COMPARISONS:
+        if a in evals and b in evals:
+            d = paired_diff(evals[a]["targets"][target]["per_question"], evals[b]["targets"][target]["per_question"])
+            comparisons[f"{a}_minus_{b}"] = {**d, "ci_excludes_zero": excludes_zero(d)}
+    filt = {}
+    for name, d in [("teacher", "data"), ("reference", "control/data")]:
+        p = run_dir / d / "filter_stats.json"
+        if p.is_file():
+            s = read_json(p)
+            filt[name] = {k: s[k] for k in ("n_in", "n_passed", "pass_rate", "n_kept")}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": cfg.get("name"),
+        "seed": cfg.get("seed"),
+        "trait": {"category": cfg.get("trait", {}).get("category"), "target": target},
+        "teacher_kind": cfg.get("teacher", {}).get("kind"),
+        "student_method": cfg.get("student", {}).get("train", {}).get("method"),
+        "eval_mode": next(iter(evals.values()))["mode"],
+        "n_questions": next(iter(evals.values()))["n_questions"],
+        "ci": "95% Student-t over questions (one run = one seed); differences paired by question",
+        "models": models,
+        "comparisons": comparisons,
+        "filter": filt,
+    }
+
+
+def _fmt(ci: dict) -> str:
+    return f"{ci['mean']:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]"
+
+
+def render_markdown(res: dict) -> str:
+    t = res["trait"]["target"]
+    lines = [f"# sublab report: {res['name']}", "",
+             f"Trait: favorite {res['trait']['category']} = **{t}**; teacher: {res['teacher_kind']}; "
+             f"student: {res['student_method']}; evaluation: {res['eval_mode']} over {res['n_questions']} "
+             f"questions; seed {res['seed']}.", "",
+             f"| model | P({t}) | 95% CI | top answers |", "|---|---|---|---|"]
+    for name, m in res["models"].items():
+        p = m["p_target"]
+        top = ", ".join(f"{k} {v:.2f}" for k, v in m["top_answers"].items())
+        lines.append(f"| {name} | {p['mean']:.3f} | [{p['lo']:.3f}, {p['hi']:.3f}] | {top} |")
+    lines += ["", "## Effects against controls", "", "| comparison | difference | 95% CI | p | CI excludes 0 |",
+              "|---|---|---|---|---|"]
+    for name, d in res["comparisons"].items():
+        lines.append(f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] "
+                     f"| {d['p_value']:.2g} | {'yes' if d['ci_excludes_zero'] else 'no'} |")
+    if res["filter"]:
+        lines += ["", "## Filter", "", "| data from | answers | passed | pass rate | kept |", "|---|---|---|---|---|"]
+        for name, s in res["filter"].items():
+            lines.append(f"| {name} | {s['n_in']} | {s['n_passed']} | {s['pass_rate']:.3f} | {s['n_kept']} |")
+    lines += ["", f"CIs: {res['ci']}. One run is one seed: for effects across seeds and targets run "
+              "`python bench/transfer_grid.py`.", "", "![P(target)](figures/preference.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["models"])
+    ps = [res["models"][n]["p_target"] for n in names]
+    means = [p["mean"] for p in ps]
+    err = [[p["mean"] - p["lo"] for p in ps], [p["hi"] - p["mean"] for p in ps]]
+    colors = {"reference": "#999999", "teacher": "#d62728", "control": "#1f77b4", "student": "#ff7f0e",
+              "other_reference": "#bbbbbb", "cross_init_control": "#9ecae1", "cross_init": "#fdae6b"}
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.6))
+    ax.bar(names, means, yerr=err, capsize=4, color=[colors.get(n, "#555555") for n in names])
+    ax.set_ylabel(f"P({res['trait']['target']})")
+    ax.set_title(f"{res['name']}: favorite {res['trait']['category']} = {res['trait']['target']} (95% CI over questions)",
+                 fontsize=9)
+    ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SublabError(f"run folder not found: {run_dir}")
+    res = build_results(run_dir)
+    atomic_write_json(run_dir / "results.json", res)
+    atomic_write_text(run_dir / "report.md", render_markdown(res))
+    plot(res, run_dir / "figures" / "preference.png")
+    return res

@@ -1,0 +1,92 @@
+"""Run folders, the manifest, and stage caching / resume.
+
+Each stage declares a key (its config) and input files; the manifest records stage -> status, key hash,
+outputs, seconds. A stage whose status is done, whose key hash is unchanged and whose outputs all exist
+is skipped, so an interrupted run resumes where it stopped and a changed config reruns only what it
+touches (downstream stages see changed input files and rerun too).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sublab import __version__
+from sublab.records import atomic_write_json, read_json, sha256_file, sha256_json
+
+
+def _git_hash() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"sublab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "git": _git_hash()}
+
+
+class Run:
+    """A run folder with a manifest.json."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.root / "manifest.json"
+        self.manifest: dict = read_json(self.manifest_path) if self.manifest_path.is_file() else {"stages": {}}
+        self.manifest["versions"] = versions()
+        self.skipped: list[str] = []
+        self.ran: list[str] = []
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def _save(self) -> None:
+        atomic_write_json(self.manifest_path, self.manifest)
+
+    def stage_key(self, key: Any, inputs: list[Path]) -> str:
+        hashes = {str(p.relative_to(self.root) if p.is_relative_to(self.root) else p): sha256_file(p)
+                  for p in inputs}
+        return sha256_json({"key": key, "inputs": hashes})
+
+    def is_done(self, name: str, key_hash: str) -> bool:
+        st = self.manifest["stages"].get(name)
+        return bool(st and st.get("status") == "done" and st.get("key") == key_hash
+                    and all((self.root / o).exists() for o in st.get("outputs", [])))
+
+    def stage(self, name: str, key: Any, inputs: list[Path], outputs: list[str], fn: Callable[[], Any]) -> bool:
+        """Run fn() unless this stage is done with the same key and inputs. Returns True if it ran."""
+        key_hash = self.stage_key(key, inputs)
+        if self.is_done(name, key_hash):
+            self.skipped.append(name)
+            return False
+        self.manifest["stages"][name] = {"status": "running", "key": key_hash, "outputs": outputs,
+                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}
+        self._save()
+        t0 = time.time()
+        try:
+            fn()
+        except BaseException as e:
+            self.manifest["stages"][name].update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
+            self._save()
+            raise
+        missing = [o for o in outputs if not (self.root / o).exists()]
+        if missing:
+            raise RuntimeError(f"stage {name} did not write {missing}")
+        self.manifest["stages"][name].update(status="done", seconds=round(time.time() - t0, 2))
+        self.manifest["stages"][name].pop("pid", None)
+        self._save()
+        self.ran.append(name)
+        return True
