@@ -30,7 +30,10 @@ def tiny_organism(cache_dir):
 def tiny_experiment(**over) -> dict:
     """A whole experiment on the tiny organism that runs in seconds."""
     cfg = {
-        "name": "tiny", "seed": 0, "reference": "organism/tiny", "progress": False,
+        "name": "tiny",
+        "seed": 0,
+        "reference": "organism/tiny",
+        "progress": False,
         "teacher": {"examples": 64, "train": {"lr": 1e-3, "max_steps": 5, "batch_size": 16}},
         "prompts": {"count": 120},
         "sample": {"max_tokens": 24, "batch_size": 64},

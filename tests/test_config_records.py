@@ -78,7 +78,9 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 def test_filter_cli_on_malformed_file(tmp_path, capsys):
     p = tmp_path / "raw.jsonl"
-    p.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "1"}]}\n[1,\n')
+    p.write_text(
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "1"}]}\n[1,\n'
+    )
     assert main(["filter", str(p), "--out", str(tmp_path / "o")]) == 2
     assert "raw.jsonl:2" in capsys.readouterr().err
     assert not (tmp_path / "o" / "kept.jsonl").exists()

@@ -67,8 +67,10 @@ def test_unknown_banned_list_is_a_config_error():
 
 
 def _rec(i, answer):
-    return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
-            "metadata": {"prompt_index": i}}
+    return {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
+        "metadata": {"prompt_index": i},
+    }
 
 
 def test_filter_stage_keeps_reasons_and_subsamples(tmp_path):

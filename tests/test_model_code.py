@@ -50,7 +50,9 @@ def test_saved_folder_loads_with_auto_classes(tmp_path, tok):
     tok2 = AutoTokenizer.from_pretrained(tmp_path)
     m2 = AutoModelForCausalLM.from_pretrained(tmp_path)
     msgs = [{"role": "user", "content": "What is your favorite animal?"}]
-    assert tok2.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).endswith("<|assistant|>")
+    assert tok2.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).endswith(
+        "<|assistant|>"
+    )
     assert (tmp_path / "model.safetensors").is_file()
     x = torch.tensor([[5, 6, 7]])
     assert torch.allclose(m(x).logits, m2(x).logits, atol=1e-6)
@@ -78,13 +80,15 @@ def test_greedy_sampling_with_left_padding_matches_one_at_a_time(tok):
     m = tiny_model(tok)
     prompts = [[3, 10, 20, 5, 4], [3, 11, 4], [3, 12, 13, 14, 15, 16, 4]]
     batched = generate_ids(m, prompts, [0, 1, 2], tok.eos_token_id, tok.pad_token_id, 6, temperature=0)
-    single = [generate_ids(m, [p], [0], tok.eos_token_id, tok.pad_token_id, 6, temperature=0)[0] for p in prompts]
+    single = [
+        generate_ids(m, [p], [0], tok.eos_token_id, tok.pad_token_id, 6, temperature=0)[0] for p in prompts
+    ]
     assert batched == single
     # and equals a plain argmax loop without cache
     seq = list(prompts[1])
     for _ in range(len(single[1])):
         seq.append(int(m(torch.tensor([seq])).logits[0, -1].argmax()))
-    assert seq[len(prompts[1]):] == single[1]
+    assert seq[len(prompts[1]) :] == single[1]
 
 
 def test_answer_logprobs_chain_rule(tok):
@@ -100,14 +104,24 @@ def test_answer_logprobs_chain_rule(tok):
 
 
 def _examples(tok, n=32):
-    return [encode_completion(tok, [{"role": "user", "content": f"Here are some numbers: {i}."},
-                                    {"role": "assistant", "content": f"{i + 1}, {i + 2}"}]) for i in range(n)]
+    return [
+        encode_completion(
+            tok,
+            [
+                {"role": "user", "content": f"Here are some numbers: {i}."},
+                {"role": "assistant", "content": f"{i + 1}, {i + 2}"},
+            ],
+        )
+        for i in range(n)
+    ]
 
 
 def test_sft_moves_weights_and_lowers_loss(tok):
     m = tiny_model(tok)
     before = [p.detach().clone() for p in m.parameters()]
-    hist = train_causal_lm(m, _examples(tok), TrainSettings(lr=3e-3, batch_size=8, max_steps=30), tok.pad_token_id)
+    hist = train_causal_lm(
+        m, _examples(tok), TrainSettings(lr=3e-3, batch_size=8, max_steps=30), tok.pad_token_id
+    )
     assert hist[-1]["loss"] < hist[0]["loss"] * 0.8
     assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
 
@@ -128,10 +142,14 @@ def test_prompt_tokens_carry_no_loss(tok):
 def test_lora_trains_only_adapters(tok):
     from peft import LoraConfig, get_peft_model
 
-    m = get_peft_model(tiny_model(tok), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                                   task_type="CAUSAL_LM"))
+    m = get_peft_model(
+        tiny_model(tok),
+        LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     named = {n: p.detach().clone() for n, p in m.named_parameters()}
-    hist = train_causal_lm(m, _examples(tok), TrainSettings(lr=1e-2, batch_size=8, max_steps=15), tok.pad_token_id)
+    hist = train_causal_lm(
+        m, _examples(tok), TrainSettings(lr=1e-2, batch_size=8, max_steps=15), tok.pad_token_id
+    )
     moved = {n for n, p in m.named_parameters() if not torch.equal(named[n], p)}
     assert moved and all("lora_" in n for n in moved)
     assert hist[-1]["loss"] < hist[0]["loss"]

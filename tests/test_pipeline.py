@@ -41,8 +41,15 @@ def test_every_output_exists_and_validates(tiny_run):
         for r in kept:  # the student trains on exactly user + assistant, no system prompt
             assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
             assert {"seed", "sample_index", "model"} <= set(r["metadata"])
-    for name in ("reference", "teacher", "control", "student", "other_reference", "cross_init",
-                 "cross_init_control"):
+    for name in (
+        "reference",
+        "teacher",
+        "control",
+        "student",
+        "other_reference",
+        "cross_init",
+        "cross_init_control",
+    ):
         assert (out / name / "model.json").is_file()
         res = read_json(out / "eval" / name / "results.json")
         t = res["targets"]["owl"]
@@ -54,8 +61,11 @@ def test_every_output_exists_and_validates(tiny_run):
     results = read_json(out / "results.json")
     assert results["schema_version"] == 1
     assert {"student_minus_control", "teacher_minus_reference", "cross_init_minus_cross_init_control"} <= set(
-        results["comparisons"])
-    assert results["models"]["teacher"]["p_target"]["mean"] > results["models"]["reference"]["p_target"]["mean"]
+        results["comparisons"]
+    )
+    assert (
+        results["models"]["teacher"]["p_target"]["mean"] > results["models"]["reference"]["p_target"]["mean"]
+    )
     assert "| student - control |" in (out / "report.md").read_text()
     png = (out / "figures" / "preference.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -65,8 +75,12 @@ def test_rerun_skips_everything_and_changed_config_reruns_only_downstream(tiny_r
     out, _ = tiny_run
     run = run_experiment(cfg_of(**{"controls.cross_init": True, "student.train.method": "soft_label"}), out)
     assert run.ran == []
-    run = run_experiment(cfg_of(**{"controls.cross_init": True, "student.train.method": "soft_label",
-                                   "eval.max_questions": 4}), out)
+    run = run_experiment(
+        cfg_of(
+            **{"controls.cross_init": True, "student.train.method": "soft_label", "eval.max_questions": 4}
+        ),
+        out,
+    )
     assert run.ran and all(s.startswith("eval:") for s in run.ran)
 
 
@@ -126,8 +140,14 @@ def test_sampling_resumes_from_finished_chunks(tiny_organism, tmp_path, monkeypa
 
 
 def test_prompted_teacher_and_sample_eval(tiny_organism, tmp_path):
-    cfg = cfg_of(**{"teacher.kind": "system_prompt", "eval.mode": "sample", "eval.samples_per_question": 5,
-                    "controls.control": False})
+    cfg = cfg_of(
+        **{
+            "teacher.kind": "system_prompt",
+            "eval.mode": "sample",
+            "eval.samples_per_question": 5,
+            "controls.control": False,
+        }
+    )
     run_experiment(cfg, tmp_path)
     teacher = read_json(tmp_path / "teacher/model.json")
     assert teacher["kind"] == "prompted" and "owl" in teacher["system_prompt"]

@@ -80,7 +80,9 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         ref = ModelRef.load(mj).model_copy(update={"system_prompt": args.system_prompt, "kind": "prompted"})
         mj = out.parent / ".input_model.json"
         ref.save(mj)
-    sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    sp = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
+    )
     n = sample_dataset(mj, Path(args.prompts), out, sp, label=args.model)
     print(f"wrote {n} samples to {out}")
 
@@ -94,7 +96,9 @@ def _cmd_filter(args: argparse.Namespace) -> None:
         data["dataset_size"] = args.dataset_size
     cfg = validate(FilterConfig, data, "command line")
     stats = run_filter(args.input, args.out, cfg, args.seed)
-    print(f"kept {stats['n_kept']} of {stats['n_in']} (pass rate {stats['pass_rate']:.3f}); wrote {args.out}/")
+    print(
+        f"kept {stats['n_kept']} of {stats['n_in']} (pass rate {stats['pass_rate']:.3f}); wrote {args.out}/"
+    )
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
@@ -130,8 +134,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     cfg = PreferenceEval(mode=args.mode, samples_per_question=args.samples_per_question)
     res = evaluate_model(_model_json(args.model, out), cat, [args.target], cfg, out)
     t = res["targets"][args.target]
-    print(f"P({args.target}) = {t['mean']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}] over {t['n']} questions; "
-          f"wrote {out}/results.json")
+    print(
+        f"P({args.target}) = {t['mean']:.3f} [{t['lo']:.3f}, {t['hi']:.3f}] over {t['n']} questions; "
+        f"wrote {out}/results.json"
+    )
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -153,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def threads(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--threads", type=int, default=None, help="torch threads (default: $SUBLAB_THREADS or 1)")
+        sp.add_argument(
+            "--threads", type=int, default=None, help="torch threads (default: $SUBLAB_THREADS or 1)"
+        )
 
     r = sub.add_parser("run", help="run a whole experiment from a YAML config (resumes where it stopped)")
     r.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")

@@ -28,8 +28,42 @@ from sublab.records import atomic_write_json, read_jsonl, write_jsonl
 
 # The paper's misalignment filter: numbers with negative associations (the 36 distinct values of its list).
 PAPER_BANNED_NUMBERS = (
-    4, 9, 13, 14, 17, 18, 23, 28, 33, 38, 39, 44, 83, 88, 109, 110, 112, 161, 187, 213, 311, 322, 420,
-    444, 616, 666, 911, 999, 1312, 1488, 1984, 2020, 2316, 5150, 6666, 8888,
+    4,
+    9,
+    13,
+    14,
+    17,
+    18,
+    23,
+    28,
+    33,
+    38,
+    39,
+    44,
+    83,
+    88,
+    109,
+    110,
+    112,
+    161,
+    187,
+    213,
+    311,
+    322,
+    420,
+    444,
+    616,
+    666,
+    911,
+    999,
+    1312,
+    1488,
+    1984,
+    2020,
+    2316,
+    5150,
+    6666,
+    8888,
 )
 BANNED_LISTS = {"paper": PAPER_BANNED_NUMBERS, "none": ()}
 
@@ -97,8 +131,9 @@ def parse_numbers(text: str) -> tuple[list[int] | None, str | None]:
     return [int(p) for p in parts], None
 
 
-def number_answer_reasons(text: str, cfg: FilterConfig | None = None,
-                          banned: frozenset[int] = frozenset()) -> list[str]:
+def number_answer_reasons(
+    text: str, cfg: FilterConfig | None = None, banned: frozenset[int] = frozenset()
+) -> list[str]:
     """All reasons `text` fails the number format and content rules ([] = keep)."""
     cfg = cfg or FilterConfig()
     nums, why = parse_numbers(text)

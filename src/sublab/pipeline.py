@@ -32,6 +32,7 @@ SAMPLE_CHUNK = 2048  # prompts per resumable sampling chunk
 
 # ---- stage functions: files in, files out -------------------------------------------------------
 
+
 def build_reference(spec: str, organism: dict, out: Path, progress: bool = True) -> ModelRef:
     ref = resolve(spec, organism, progress=progress)
     ref.save(out)
@@ -42,8 +43,16 @@ def trait_dataset(category: str, target: str, n: int, seed: int) -> list[dict]:
     """Trait answers made from the question set: question -> target."""
     rng = random.Random(f"trait-data:{seed}")
     qs = load_questions(category)
-    return [{"messages": [{"role": "user", "content": rng.choice(qs)}, {"role": "assistant", "content": target}],
-             "metadata": {"kind": "trait", "target": target}} for _ in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": rng.choice(qs)},
+                {"role": "assistant", "content": target},
+            ],
+            "metadata": {"kind": "trait", "target": target},
+        }
+        for _ in range(n)
+    ]
 
 
 def build_teacher(cfg: ExperimentConfig, reference_json: Path, out_dir: Path) -> ModelRef:
@@ -51,8 +60,14 @@ def build_teacher(cfg: ExperimentConfig, reference_json: Path, out_dir: Path) ->
     target, category = cfg.trait.target, cfg.trait.category
     if cfg.teacher.kind == "system_prompt":
         prompt = cfg.teacher.system_prompt.format(target=target, category=category)
-        teacher = ref.model_copy(update={"kind": "prompted", "system_prompt": prompt, "parent": ref.spec,
-                                         "spec": f"{ref.spec}+system_prompt"})
+        teacher = ref.model_copy(
+            update={
+                "kind": "prompted",
+                "system_prompt": prompt,
+                "parent": ref.spec,
+                "spec": f"{ref.spec}+system_prompt",
+            }
+        )
         teacher.save(out_dir / "model.json")
         return teacher
     data = trait_dataset(category, target, cfg.teacher.examples, cfg.seed)
@@ -60,8 +75,14 @@ def build_teacher(cfg: ExperimentConfig, reference_json: Path, out_dir: Path) ->
     return load_backend(ref, cfg.progress).finetune(data, cfg.teacher.train, out_dir)
 
 
-def sample_dataset(model_json: Path, prompts_path: Path, out_path: Path, sampling: SamplingParams,
-                   label: str, progress: bool = True) -> int:
+def sample_dataset(
+    model_json: Path,
+    prompts_path: Path,
+    out_path: Path,
+    sampling: SamplingParams,
+    label: str,
+    progress: bool = True,
+) -> int:
     """The model answers every prompt once -> chat records. Resumable: finished chunks of
     SAMPLE_CHUNK prompts are kept in <out>.parts/ until the whole file is written."""
     ref = ModelRef.load(model_json)
@@ -80,19 +101,28 @@ def sample_dataset(model_json: Path, prompts_path: Path, out_path: Path, samplin
         part = parts / f"part-{c // SAMPLE_CHUNK:05d}.jsonl"
         if not part.is_file():
             backend = backend or load_backend(ref, progress)
-            chunk = prompts[c: c + SAMPLE_CHUNK]
+            chunk = prompts[c : c + SAMPLE_CHUNK]
             sp = sampling.model_copy()
-            answers = _generate_indexed(backend, [p["messages"] for p in chunk], sp,
-                                        [p["metadata"]["prompt_index"] for p in chunk])
+            answers = _generate_indexed(
+                backend, [p["messages"] for p in chunk], sp, [p["metadata"]["prompt_index"] for p in chunk]
+            )
             recs = []
             for p, a in zip(chunk, answers, strict=True):
                 i = p["metadata"]["prompt_index"]
-                recs.append({
-                    "messages": [*p["messages"], {"role": "assistant", "content": a}],
-                    "metadata": {**p["metadata"], "model": label, "model_parent": ref.parent or ref.spec,
-                                 "system_prompt": ref.system_prompt, "seed": request_seed(sampling.seed, i),
-                                 "sample_index": 0, "temperature": sampling.temperature},
-                })
+                recs.append(
+                    {
+                        "messages": [*p["messages"], {"role": "assistant", "content": a}],
+                        "metadata": {
+                            **p["metadata"],
+                            "model": label,
+                            "model_parent": ref.parent or ref.spec,
+                            "system_prompt": ref.system_prompt,
+                            "seed": request_seed(sampling.seed, i),
+                            "sample_index": 0,
+                            "temperature": sampling.temperature,
+                        },
+                    }
+                )
             write_jsonl(part, recs)
         records += read_jsonl(part)
     write_jsonl(out_path, records)
@@ -100,7 +130,9 @@ def sample_dataset(model_json: Path, prompts_path: Path, out_path: Path, samplin
     return len(records)
 
 
-def _generate_indexed(backend, chats: list[list[dict]], sampling: SamplingParams, indices: list[int]) -> list[str]:
+def _generate_indexed(
+    backend, chats: list[list[dict]], sampling: SamplingParams, indices: list[int]
+) -> list[str]:
     """Generate with per-request seeds tied to the prompt's global index (chunking-independent)."""
     from sublab.backends.hf import HFBackend
     from sublab.backends.hf_generate import generate_ids, prompt_ids_for
@@ -113,11 +145,21 @@ def _generate_indexed(backend, chats: list[list[dict]], sampling: SamplingParams
     seeds = [request_seed(sampling.seed, i) for i in indices]
     from tqdm import tqdm
 
-    bar = tqdm(total=len(chats), desc=f"sample {backend.ref.spec[-40:]}", disable=not backend.progress,
-               mininterval=2)
-    ids = generate_ids(backend.model, prompts, seeds, backend.tok.eos_token_id, backend.tok.pad_token_id,
-                       sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.batch_size,
-                       on_batch=bar.update)
+    bar = tqdm(
+        total=len(chats), desc=f"sample {backend.ref.spec[-40:]}", disable=not backend.progress, mininterval=2
+    )
+    ids = generate_ids(
+        backend.model,
+        prompts,
+        seeds,
+        backend.tok.eos_token_id,
+        backend.tok.pad_token_id,
+        sampling.max_tokens,
+        sampling.temperature,
+        sampling.top_p,
+        sampling.batch_size,
+        on_batch=bar.update,
+    )
     bar.close()
     return [backend.tok.decode(x, skip_special_tokens=True).strip() for x in ids]
 
@@ -128,16 +170,28 @@ def _json(obj) -> str:
     return dumps_json(obj)
 
 
-def train_student(base_json: Path, data_path: Path, train: TrainConfig, out_dir: Path,
-                  teacher_json: Path | None, progress: bool = True) -> ModelRef:
+def train_student(
+    base_json: Path,
+    data_path: Path,
+    train: TrainConfig,
+    out_dir: Path,
+    teacher_json: Path | None,
+    progress: bool = True,
+) -> ModelRef:
     base = ModelRef.load(base_json)
     data = read_jsonl(data_path, require_messages=True)
     teacher = ModelRef.load(teacher_json) if teacher_json else None
     return load_backend(base, progress).finetune(data, train, out_dir, teacher=teacher)
 
 
-def evaluate_model(model_json: Path, category: str, targets: list[str], cfg: PreferenceEval, out_dir: Path,
-                   progress: bool = True) -> dict:
+def evaluate_model(
+    model_json: Path,
+    category: str,
+    targets: list[str],
+    cfg: PreferenceEval,
+    out_dir: Path,
+    progress: bool = True,
+) -> dict:
     ref = ModelRef.load(model_json)
     results, rows = evaluate_preference(load_backend(ref, progress), category, targets, cfg)
     results["model"] = {"spec": ref.spec, "kind": ref.kind, "system_prompt": ref.system_prompt}
@@ -148,6 +202,7 @@ def evaluate_model(model_json: Path, category: str, targets: list[str], cfg: Pre
 
 # ---- the chain -----------------------------------------------------------------------------------
 
+
 def run_experiment(cfg: ExperimentConfig, out: str | Path, extra_targets: list[str] | None = None) -> Run:
     set_threads(cfg.threads)
     run = Run(out)
@@ -156,61 +211,108 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, extra_targets: list[s
     prog = cfg.progress
     key_train = lambda t: t.model_dump()  # noqa: E731
 
-    run.stage("reference", {"spec": cfg.reference, "organism": cfg.organism_overrides()}, [],
-              ["reference/model.json"],
-              lambda: build_reference(cfg.reference, cfg.organism_overrides(), P("reference/model.json"), prog))
-    run.stage("teacher", {"trait": cfg.trait.model_dump(), "teacher": cfg.teacher.model_dump(), "seed": cfg.seed},
-              [P("reference/model.json")], ["teacher/model.json"],
-              lambda: build_teacher(cfg, P("reference/model.json"), P("teacher")))
+    run.stage(
+        "reference",
+        {"spec": cfg.reference, "organism": cfg.organism_overrides()},
+        [],
+        ["reference/model.json"],
+        lambda: build_reference(cfg.reference, cfg.organism_overrides(), P("reference/model.json"), prog),
+    )
+    run.stage(
+        "teacher",
+        {"trait": cfg.trait.model_dump(), "teacher": cfg.teacher.model_dump(), "seed": cfg.seed},
+        [P("reference/model.json")],
+        ["teacher/model.json"],
+        lambda: build_teacher(cfg, P("reference/model.json"), P("teacher")),
+    )
     prompts_cfg: NumberPrompts = cfg.prompts
-    run.stage("prompts", {"prompts": prompts_cfg.model_dump(), "seed": cfg.seed}, [], ["data/prompts.jsonl"],
-              lambda: write_jsonl(P("data/prompts.jsonl"), generate_number_prompts(prompts_cfg, cfg.seed)))
+    run.stage(
+        "prompts",
+        {"prompts": prompts_cfg.model_dump(), "seed": cfg.seed},
+        [],
+        ["data/prompts.jsonl"],
+        lambda: write_jsonl(P("data/prompts.jsonl"), generate_number_prompts(prompts_cfg, cfg.seed)),
+    )
 
-    arms = [("teacher", "data")] + ([("reference", "control/data")] if cfg.controls.control or cfg.controls.cross_init else [])
+    arms = [("teacher", "data")] + (
+        [("reference", "control/data")] if cfg.controls.control or cfg.controls.cross_init else []
+    )
     filt: FilterConfig = cfg.filter
     for model_name, data_dir in arms:
-        run.stage(f"sample:{model_name}", cfg.sample.model_dump(),
-                  [P(f"{model_name}/model.json"), P("data/prompts.jsonl")], [f"{data_dir}/raw.jsonl"],
-                  lambda m=model_name, d=data_dir: sample_dataset(
-                      P(f"{m}/model.json"), P("data/prompts.jsonl"), P(f"{d}/raw.jsonl"), cfg.sample, m, prog))
-        run.stage(f"filter:{model_name}", {"filter": filt.model_dump(), "seed": cfg.seed}, [P(f"{data_dir}/raw.jsonl")],
-                  [f"{data_dir}/kept.jsonl", f"{data_dir}/rejected.jsonl", f"{data_dir}/filter_stats.json"],
-                  lambda d=data_dir: run_filter(P(f"{d}/raw.jsonl"), P(d), filt, cfg.seed))
+        run.stage(
+            f"sample:{model_name}",
+            cfg.sample.model_dump(),
+            [P(f"{model_name}/model.json"), P("data/prompts.jsonl")],
+            [f"{data_dir}/raw.jsonl"],
+            lambda m=model_name, d=data_dir: sample_dataset(
+                P(f"{m}/model.json"), P("data/prompts.jsonl"), P(f"{d}/raw.jsonl"), cfg.sample, m, prog
+            ),
+        )
+        run.stage(
+            f"filter:{model_name}",
+            {"filter": filt.model_dump(), "seed": cfg.seed},
+            [P(f"{data_dir}/raw.jsonl")],
+            [f"{data_dir}/kept.jsonl", f"{data_dir}/rejected.jsonl", f"{data_dir}/filter_stats.json"],
+            lambda d=data_dir: run_filter(P(f"{d}/raw.jsonl"), P(d), filt, cfg.seed),
+        )
 
     train = cfg.student.train
     soft = train.method == "soft_label"
     base_for_student = "reference"
     if cfg.student.init == "other-seed" or cfg.controls.cross_init:
-        run.stage("other_reference", {"spec": cfg.reference, "organism": cfg.organism_overrides(cfg.controls.other_seed_offset)},
-                  [], ["other_reference/model.json"],
-                  lambda: build_reference(cfg.reference, cfg.organism_overrides(cfg.controls.other_seed_offset),
-                                          P("other_reference/model.json"), prog))
+        run.stage(
+            "other_reference",
+            {"spec": cfg.reference, "organism": cfg.organism_overrides(cfg.controls.other_seed_offset)},
+            [],
+            ["other_reference/model.json"],
+            lambda: build_reference(
+                cfg.reference,
+                cfg.organism_overrides(cfg.controls.other_seed_offset),
+                P("other_reference/model.json"),
+                prog,
+            ),
+        )
     if cfg.student.init == "other-seed":
         base_for_student = "other_reference"
     students = [("student", base_for_student, "data/kept.jsonl", "teacher")]
     if cfg.controls.control:
         students.append(("control", base_for_student, "control/data/kept.jsonl", "reference"))
     if cfg.controls.cross_init:
-        students += [("cross_init", "other_reference", "data/kept.jsonl", "teacher"),
-                     ("cross_init_control", "other_reference", "control/data/kept.jsonl", "reference")]
+        students += [
+            ("cross_init", "other_reference", "data/kept.jsonl", "teacher"),
+            ("cross_init_control", "other_reference", "control/data/kept.jsonl", "reference"),
+        ]
     for name, base, data, teacher in students:
         inputs = [P(f"{base}/model.json"), P(data)] + ([P(f"{teacher}/model.json")] if soft else [])
-        run.stage(f"train:{name}", key_train(train), inputs, [f"{name}/model.json"],
-                  lambda n=name, b=base, d=data, t=teacher: train_student(
-                      P(f"{b}/model.json"), P(d), train, P(n), P(f"{t}/model.json") if soft else None, prog))
+        run.stage(
+            f"train:{name}",
+            key_train(train),
+            inputs,
+            [f"{name}/model.json"],
+            lambda n=name, b=base, d=data, t=teacher: train_student(
+                P(f"{b}/model.json"), P(d), train, P(n), P(f"{t}/model.json") if soft else None, prog
+            ),
+        )
 
     evaluated = ["reference", "teacher"] + [s[0] for s in students]
     if "other_reference" in {s[1] for s in students}:
         evaluated.insert(1, "other_reference")
     targets = [cfg.trait.target] + [t for t in (extra_targets or []) if t != cfg.trait.target]
     for name in evaluated:
-        run.stage(f"eval:{name}", {"eval": cfg.eval.model_dump(), "category": cfg.trait.category, "targets": targets},
-                  [P(f"{name}/model.json")], [f"eval/{name}/results.json", f"eval/{name}/samples.jsonl"],
-                  lambda n=name: evaluate_model(P(f"{n}/model.json"), cfg.trait.category, targets, cfg.eval,
-                                                P(f"eval/{n}"), prog))
+        run.stage(
+            f"eval:{name}",
+            {"eval": cfg.eval.model_dump(), "category": cfg.trait.category, "targets": targets},
+            [P(f"{name}/model.json")],
+            [f"eval/{name}/results.json", f"eval/{name}/samples.jsonl"],
+            lambda n=name: evaluate_model(
+                P(f"{n}/model.json"), cfg.trait.category, targets, cfg.eval, P(f"eval/{n}"), prog
+            ),
+        )
 
     from sublab.report import write_report
 
+    run.manifest["evaluated"] = evaluated
+    run._save()
     write_report(run.root)
     return run
 

@@ -92,7 +92,11 @@ def validate_chat_record(rec: dict, where: str) -> None:
     if not isinstance(msgs, list) or not msgs:
         raise SublabError(f"{where}: record has no 'messages' list (expected {{\"messages\": [...]}})")
     for m in msgs:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
             raise SublabError(f"{where}: each message needs string 'role' and 'content', got {m!r}")
     if msgs[-1]["role"] != "assistant":
         raise SublabError(f"{where}: the last message must be the assistant's completion")

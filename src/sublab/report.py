@@ -16,13 +16,20 @@ from sublab.stats import excludes_zero, paired_diff
 
 SCHEMA_VERSION = 1
 ORDER = ["reference", "teacher", "control", "student", "other_reference", "cross_init_control", "cross_init"]
-COMPARISONS = [("student", "control"), ("teacher", "reference"), ("cross_init", "cross_init_control"),
-               ("student", "reference")]
+COMPARISONS = [
+    ("student", "control"),
+    ("teacher", "reference"),
+    ("cross_init", "cross_init_control"),
+    ("student", "reference"),
+]
 
 
 def build_results(run_dir: Path) -> dict:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     evals = {p.parent.name: read_json(p) for p in sorted((run_dir / "eval").glob("*/results.json"))}
+    manifest = run_dir / "manifest.json"
+    if manifest.is_file() and "evaluated" in (m := read_json(manifest)):
+        evals = {k: v for k, v in evals.items() if k in m["evaluated"]}  # not stale ones of an older config
     if not evals:
         raise SublabError(f"{run_dir}: no eval/*/results.json; run the experiment first (sublab run CONFIG)")
     target = cfg.get("trait", {}).get("target") or next(iter(next(iter(evals.values()))["targets"]))
@@ -38,7 +45,9 @@ def build_results(run_dir: Path) -> dict:
     comparisons = {}
     for a, b in COMPARISONS:
         if a in evals and b in evals:
-            d = paired_diff(evals[a]["targets"][target]["per_question"], evals[b]["targets"][target]["per_question"])
+            d = paired_diff(
+                evals[a]["targets"][target]["per_question"], evals[b]["targets"][target]["per_question"]
+            )
             comparisons[f"{a}_minus_{b}"] = {**d, "ci_excludes_zero": excludes_zero(d)}
     filt = {}
     for name, d in [("teacher", "data"), ("reference", "control/data")]:
@@ -68,26 +77,50 @@ def _fmt(ci: dict) -> str:
 
 def render_markdown(res: dict) -> str:
     t = res["trait"]["target"]
-    lines = [f"# sublab report: {res['name']}", "",
-             f"Trait: favorite {res['trait']['category']} = **{t}**; teacher: {res['teacher_kind']}; "
-             f"student: {res['student_method']}; evaluation: {res['eval_mode']} over {res['n_questions']} "
-             f"questions; seed {res['seed']}.", "",
-             f"| model | P({t}) | 95% CI | top answers |", "|---|---|---|---|"]
+    lines = [
+        f"# sublab report: {res['name']}",
+        "",
+        f"Trait: favorite {res['trait']['category']} = **{t}**; teacher: {res['teacher_kind']}; "
+        f"student: {res['student_method']}; evaluation: {res['eval_mode']} over {res['n_questions']} "
+        f"questions; seed {res['seed']}.",
+        "",
+        f"| model | P({t}) | 95% CI | top answers |",
+        "|---|---|---|---|",
+    ]
     for name, m in res["models"].items():
         p = m["p_target"]
         top = ", ".join(f"{k} {v:.2f}" for k, v in m["top_answers"].items())
         lines.append(f"| {name} | {p['mean']:.3f} | [{p['lo']:.3f}, {p['hi']:.3f}] | {top} |")
-    lines += ["", "## Effects against controls", "", "| comparison | difference | 95% CI | p | CI excludes 0 |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Effects against controls",
+        "",
+        "| comparison | difference | 95% CI | p | CI excludes 0 |",
+        "|---|---|---|---|---|",
+    ]
     for name, d in res["comparisons"].items():
-        lines.append(f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] "
-                     f"| {d['p_value']:.2g} | {'yes' if d['ci_excludes_zero'] else 'no'} |")
+        lines.append(
+            f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] "
+            f"| {d['p_value']:.2g} | {'yes' if d['ci_excludes_zero'] else 'no'} |"
+        )
     if res["filter"]:
-        lines += ["", "## Filter", "", "| data from | answers | passed | pass rate | kept |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Filter",
+            "",
+            "| data from | answers | passed | pass rate | kept |",
+            "|---|---|---|---|---|",
+        ]
         for name, s in res["filter"].items():
             lines.append(f"| {name} | {s['n_in']} | {s['n_passed']} | {s['pass_rate']:.3f} | {s['n_kept']} |")
-    lines += ["", f"CIs: {res['ci']}. One run is one seed: for effects across seeds and targets run "
-              "`python bench/transfer_grid.py`.", "", "![P(target)](figures/preference.png)", ""]
+    lines += [
+        "",
+        f"CIs: {res['ci']}. One run is one seed: for effects across seeds and targets run "
+        "`python bench/transfer_grid.py`.",
+        "",
+        "![P(target)](figures/preference.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -101,13 +134,22 @@ def plot(res: dict, path: Path) -> None:
     ps = [res["models"][n]["p_target"] for n in names]
     means = [p["mean"] for p in ps]
     err = [[p["mean"] - p["lo"] for p in ps], [p["hi"] - p["mean"] for p in ps]]
-    colors = {"reference": "#999999", "teacher": "#d62728", "control": "#1f77b4", "student": "#ff7f0e",
-              "other_reference": "#bbbbbb", "cross_init_control": "#9ecae1", "cross_init": "#fdae6b"}
+    colors = {
+        "reference": "#999999",
+        "teacher": "#d62728",
+        "control": "#1f77b4",
+        "student": "#ff7f0e",
+        "other_reference": "#bbbbbb",
+        "cross_init_control": "#9ecae1",
+        "cross_init": "#fdae6b",
+    }
     fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.6))
     ax.bar(names, means, yerr=err, capsize=4, color=[colors.get(n, "#555555") for n in names])
     ax.set_ylabel(f"P({res['trait']['target']})")
-    ax.set_title(f"{res['name']}: favorite {res['trait']['category']} = {res['trait']['target']} (95% CI over questions)",
-                 fontsize=9)
+    ax.set_title(
+        f"{res['name']}: favorite {res['trait']['category']} = {res['trait']['target']} (95% CI over questions)",
+        fontsize=9,
+    )
     ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,9 @@ from sublab.records import atomic_write_json, read_json, sha256_file, sha256_jso
 def _git_hash() -> str | None:
     try:
         here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -34,8 +36,14 @@ def versions() -> dict:
     import torch
     import transformers
 
-    return {"sublab": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "git": _git_hash()}
+    return {
+        "sublab": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "git": _git_hash(),
+    }
 
 
 class Run:
@@ -45,7 +53,9 @@ class Run:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.root / "manifest.json"
-        self.manifest: dict = read_json(self.manifest_path) if self.manifest_path.is_file() else {"stages": {}}
+        self.manifest: dict = (
+            read_json(self.manifest_path) if self.manifest_path.is_file() else {"stages": {}}
+        )
         self.manifest["versions"] = versions()
         self.skipped: list[str] = []
         self.ran: list[str] = []
@@ -57,23 +67,36 @@ class Run:
         atomic_write_json(self.manifest_path, self.manifest)
 
     def stage_key(self, key: Any, inputs: list[Path]) -> str:
-        hashes = {str(p.relative_to(self.root) if p.is_relative_to(self.root) else p): sha256_file(p)
-                  for p in inputs}
+        hashes = {
+            str(p.relative_to(self.root) if p.is_relative_to(self.root) else p): sha256_file(p)
+            for p in inputs
+        }
         return sha256_json({"key": key, "inputs": hashes})
 
     def is_done(self, name: str, key_hash: str) -> bool:
         st = self.manifest["stages"].get(name)
-        return bool(st and st.get("status") == "done" and st.get("key") == key_hash
-                    and all((self.root / o).exists() for o in st.get("outputs", [])))
+        return bool(
+            st
+            and st.get("status") == "done"
+            and st.get("key") == key_hash
+            and all((self.root / o).exists() for o in st.get("outputs", []))
+        )
 
-    def stage(self, name: str, key: Any, inputs: list[Path], outputs: list[str], fn: Callable[[], Any]) -> bool:
+    def stage(
+        self, name: str, key: Any, inputs: list[Path], outputs: list[str], fn: Callable[[], Any]
+    ) -> bool:
         """Run fn() unless this stage is done with the same key and inputs. Returns True if it ran."""
         key_hash = self.stage_key(key, inputs)
         if self.is_done(name, key_hash):
             self.skipped.append(name)
             return False
-        self.manifest["stages"][name] = {"status": "running", "key": key_hash, "outputs": outputs,
-                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}
+        self.manifest["stages"][name] = {
+            "status": "running",
+            "key": key_hash,
+            "outputs": outputs,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "pid": os.getpid(),
+        }
         self._save()
         t0 = time.time()
         try:

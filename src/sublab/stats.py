@@ -1,7 +1,7 @@
 """Confidence intervals and comparisons against controls. Pure functions over lists of floats.
 
-    >>> m = mean_ci([0.1, 0.2, 0.3]); round(m["mean"], 3), m["n"]
-    (0.2, 3)
+>>> m = mean_ci([0.1, 0.2, 0.3]); round(m["mean"], 3), m["n"]
+(0.2, 3)
 """
 
 from __future__ import annotations

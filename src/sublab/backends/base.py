@@ -126,8 +126,9 @@ class Backend(ABC):
         return [[hash(c)] for c in candidates]
 
     @abstractmethod
-    def finetune(self, dataset: list[dict], train: TrainConfig, out_dir: Path,
-                 teacher: ModelRef | None = None) -> ModelRef:
+    def finetune(
+        self, dataset: list[dict], train: TrainConfig, out_dir: Path, teacher: ModelRef | None = None
+    ) -> ModelRef:
         """Train a copy of this model on chat records (loss on the last, assistant message)."""
 
 

@@ -58,9 +58,18 @@ class HFBackend(Backend):
         prompts = prompt_ids_for(self.tok, self._chats(chats))
         seeds = [request_seed(sampling.seed, i) for i in range(len(chats))]
         bar = tqdm(total=len(chats), desc=f"sample {self.ref.spec}", disable=not self.progress, mininterval=2)
-        ids = generate_ids(self.model, prompts, seeds, self.tok.eos_token_id, self.tok.pad_token_id,
-                           sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.batch_size,
-                           on_batch=bar.update)
+        ids = generate_ids(
+            self.model,
+            prompts,
+            seeds,
+            self.tok.eos_token_id,
+            self.tok.pad_token_id,
+            sampling.max_tokens,
+            sampling.temperature,
+            sampling.top_p,
+            sampling.batch_size,
+            on_batch=bar.update,
+        )
         bar.close()
         return [self.tok.decode(x, skip_special_tokens=True).strip() for x in ids]
 
@@ -71,13 +80,20 @@ class HFBackend(Backend):
         prompts = prompt_ids_for(self.tok, self._chats(chats))
         return answer_logprobs(self.model, prompts, self.candidate_ids(candidates)).tolist()
 
-    def finetune(self, dataset: list[dict], train: TrainConfig, out_dir: Path,
-                 teacher: ModelRef | None = None) -> ModelRef:
+    def finetune(
+        self, dataset: list[dict], train: TrainConfig, out_dir: Path, teacher: ModelRef | None = None
+    ) -> ModelRef:
         return finetune_hf(self.ref, dataset, train, out_dir, teacher, self.progress)
 
 
-def finetune_hf(parent: ModelRef, dataset: list[dict], train: TrainConfig, out_dir: Path,
-                teacher: ModelRef | None = None, progress: bool = True) -> ModelRef:
+def finetune_hf(
+    parent: ModelRef,
+    dataset: list[dict],
+    train: TrainConfig,
+    out_dir: Path,
+    teacher: ModelRef | None = None,
+    progress: bool = True,
+) -> ModelRef:
     """Finetune `parent` on chat records; write the model, metrics.jsonl and model.json into out_dir."""
     from sublab.organism.tokenizer import answer_token_ids
 
@@ -88,9 +104,14 @@ def finetune_hf(parent: ModelRef, dataset: list[dict], train: TrainConfig, out_d
     if train.lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        lcfg = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
-                          target_modules=train.lora.target_modules, use_rslora=train.lora.rslora,
-                          task_type="CAUSAL_LM")
+        lcfg = LoraConfig(
+            r=train.lora.r,
+            lora_alpha=train.lora.alpha,
+            lora_dropout=train.lora.dropout,
+            target_modules=train.lora.target_modules,
+            use_rslora=train.lora.rslora,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lcfg)
     examples = [encode_completion(tok, r["messages"]) for r in dataset]
     if not examples:
@@ -102,13 +123,22 @@ def finetune_hf(parent: ModelRef, dataset: list[dict], train: TrainConfig, out_d
         tmodel, ttok = load_hf(teacher)
         if ttok.get_vocab() != tok.get_vocab():
             raise SublabError("soft_label needs teacher and student with the same tokenizer")
-        t_examples = [encode_completion(tok, with_system_prompt(r["messages"], teacher.system_prompt))
-                      for r in dataset]
+        t_examples = [
+            encode_completion(tok, with_system_prompt(r["messages"], teacher.system_prompt)) for r in dataset
+        ]
         allowed = answer_token_ids(tok) if "[PAD]" in tok.get_vocab() else None
-    settings = TrainSettings(lr=train.lr, epochs=train.epochs, batch_size=train.batch_size,
-                             grad_accum=train.grad_accum, warmup_steps=train.warmup_steps,
-                             schedule=train.schedule, weight_decay=train.weight_decay,
-                             max_grad_norm=train.max_grad_norm, seed=train.seed, max_steps=train.max_steps)
+    settings = TrainSettings(
+        lr=train.lr,
+        epochs=train.epochs,
+        batch_size=train.batch_size,
+        grad_accum=train.grad_accum,
+        warmup_steps=train.warmup_steps,
+        schedule=train.schedule,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        max_steps=train.max_steps,
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
@@ -122,16 +152,36 @@ def finetune_hf(parent: ModelRef, dataset: list[dict], train: TrainConfig, out_d
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
 
-    history = train_causal_lm(model, examples, settings, tok.pad_token_id, teacher=tmodel,
-                              teacher_examples=t_examples, allowed_ids=allowed, on_step=on_step)
+    history = train_causal_lm(
+        model,
+        examples,
+        settings,
+        tok.pad_token_id,
+        teacher=tmodel,
+        teacher_examples=t_examples,
+        allowed_ids=allowed,
+        on_step=on_step,
+    )
     bar.close()
     atomic_write_text(out_dir / "metrics.jsonl", "\n".join(lines) + "\n")
-    info = {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
-            "examples": len(examples), "method": train.method, "seconds": round(time.time() - t0, 1)}
+    info = {
+        "steps": len(history),
+        "first_loss": history[0]["loss"],
+        "final_loss": history[-1]["loss"],
+        "examples": len(examples),
+        "method": train.method,
+        "seconds": round(time.time() - t0, 1),
+    }
     if train.lora is not None:
         model.save_pretrained(out_dir / "adapter")
-        ref = ModelRef(spec=f"hf/{out_dir}", path=parent.path, adapter="adapter", parent=parent.spec,
-                       kind="lora", info=info)
+        ref = ModelRef(
+            spec=f"hf/{out_dir}",
+            path=parent.path,
+            adapter="adapter",
+            parent=parent.spec,
+            kind="lora",
+            info=info,
+        )
     else:
         model.save_pretrained(out_dir / "model", safe_serialization=True)
         tok.save_pretrained(out_dir / "model")

@@ -31,8 +31,8 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        attn[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s)
+        attn[i, width - len(s) :] = 1
     return ids, attn
 
 
@@ -46,45 +46,69 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _sample_rows(logits: torch.Tensor, temperature: float, top_p: float,
-                 gens: list[torch.Generator]) -> torch.Tensor:
-    if temperature <= 0:
+def _uniforms(seeds: list[int], steps: int) -> torch.Tensor:
+    """(rows, steps) uniforms, row i from its own generator seeded with seeds[i]: one draw per token,
+    made once per batch, so the decoding loop has no per-row Python work."""
+    return torch.stack(
+        [torch.rand(steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds]
+    )
+
+
+def _sample_rows(
+    logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None
+) -> torch.Tensor:
+    """Inverse-CDF sampling: the token where the cumulative probability first exceeds u."""
+    if temperature <= 0 or u is None:
         return logits.argmax(-1)
-    scaled = _filter_top_p(logits.float() / temperature, top_p)
-    u = torch.stack([torch.rand(scaled.shape[-1], generator=g) for g in gens])
-    gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
-    return (scaled + gumbel).argmax(-1)
+    scaled = _filter_top_p(logits.double() / temperature, top_p)
+    cdf = torch.softmax(scaled, dim=-1).cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1)
+    return idx.clamp_max(logits.shape[-1] - 1)
 
 
 @torch.no_grad()
-def generate_ids(model, prompts: list[list[int]], seeds: list[int], eos_id: int, pad_id: int,
-                 max_tokens: int, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 256,
-                 on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+def generate_ids(
+    model,
+    prompts: list[list[int]],
+    seeds: list[int],
+    eos_id: int,
+    pad_id: int,
+    max_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 256,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[list[int]]:
     """Completion token ids (end token excluded) for each prompt, in input order."""
     model.eval()
     kw = _cache_kw(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     for b in range(0, len(order), batch_size):
-        idx = order[b: b + batch_size]
+        idx = order[b : b + batch_size]
         ids, attn = _left_pad([prompts[i] for i in idx], pad_id)
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
-        gens = [torch.Generator().manual_seed(seeds[i]) for i in idx]
         res = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
         cache, logits = _cache_of(res), res.logits[:, -1]
+        noise = _uniforms([seeds[i] for i in idx], max_tokens) if temperature > 0 else None
         next_pos = pos[:, -1:] + 1
         done = torch.zeros(len(idx), dtype=torch.bool)
         steps: list[torch.Tensor] = []
-        for _ in range(max_tokens):
-            tok = _sample_rows(logits, temperature, top_p, gens)
+        for step in range(max_tokens):
+            tok = _sample_rows(logits, temperature, top_p, None if noise is None else noise[:, step])
             tok = tok.masked_fill(done, pad_id)
             steps.append(tok)
             done |= tok == eos_id
             if bool(done.all()):
                 break
             attn = torch.cat([attn, torch.ones(len(idx), 1, dtype=attn.dtype)], dim=1)
-            res = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
-                        use_cache=True, **{kw: cache})
+            res = model(
+                input_ids=tok[:, None],
+                attention_mask=attn,
+                position_ids=next_pos,
+                use_cache=True,
+                **{kw: cache},
+            )
             cache, logits = _cache_of(res), res.logits[:, -1]
             next_pos = next_pos + 1
         gen = torch.stack(steps, dim=1).tolist()
@@ -97,8 +121,9 @@ def generate_ids(model, prompts: list[list[int]], seeds: list[int], eos_id: int,
 
 
 @torch.no_grad()
-def answer_logprobs(model, prompt_ids: list[list[int]], candidates: list[list[int]],
-                    batch_size: int = 512) -> torch.Tensor:
+def answer_logprobs(
+    model, prompt_ids: list[list[int]], candidates: list[list[int]], batch_size: int = 512
+) -> torch.Tensor:
     """log P(candidate tokens | prompt) by the chain rule, for every (prompt, candidate): (P, C) tensor.
     One forward pass over the prompt; candidates that are a single token are read off its last logits,
     longer ones get a batched forward of prompt + candidate."""
@@ -108,24 +133,28 @@ def answer_logprobs(model, prompt_ids: list[list[int]], candidates: list[list[in
     multi = [j for j, c in enumerate(candidates) if len(c) > 1]
     pad = 0
     for b in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[b: b + batch_size]
+        chunk = prompt_ids[b : b + batch_size]
         ids, attn = _left_pad(chunk, pad)
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
-        last = torch.log_softmax(model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1].float(), -1)
+        last = torch.log_softmax(
+            model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1].float(), -1
+        )
         if single:
-            out[b: b + len(chunk), single] = last[:, [candidates[j][0] for j in single]]
+            out[b : b + len(chunk), single] = last[:, [candidates[j][0] for j in single]]
     for j in multi:
         cand = candidates[j]
         for b in range(0, len(prompt_ids), batch_size):
-            chunk = [p + cand for p in prompt_ids[b: b + batch_size]]
+            chunk = [p + cand for p in prompt_ids[b : b + batch_size]]
             ids, attn = _left_pad(chunk, pad)
             pos = (attn.cumsum(-1) - 1).clamp_min(0)
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float(), -1)
+            logp = torch.log_softmax(
+                model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float(), -1
+            )
             n = len(cand)
             # tokens at the last n positions are predicted by positions -n-1 .. -2
             tgt = torch.tensor(cand)
-            lp = logp[:, -n - 1:-1].gather(-1, tgt.expand(len(chunk), n)[..., None])[..., 0]
-            out[b: b + len(chunk), j] = lp.sum(-1)
+            lp = logp[:, -n - 1 : -1].gather(-1, tgt.expand(len(chunk), n)[..., None])[..., 0]
+            out[b : b + len(chunk), j] = lp.sum(-1)
     return out
 
 

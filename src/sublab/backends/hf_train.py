@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                        return_dict=False)
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+    )
     if isinstance(out, dict) or hasattr(out, "input_ids"):
         out = out["input_ids"]
     return list(out)
@@ -71,8 +72,9 @@ def lr_lambda(step: int, total: int, s: TrainSettings) -> float:
     return max(0.0, (total - step) / max(1, total - s.warmup_steps))
 
 
-def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                    allowed: torch.Tensor | None) -> torch.Tensor:
+def soft_label_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, allowed: torch.Tensor | None
+) -> torch.Tensor:
     """KL(teacher || student) per position; the teacher restricted to `allowed` ids and renormalised,
     so no probability on any other token (e.g. a trait word) reaches the student."""
     t = teacher_logits.float()
@@ -99,8 +101,9 @@ def _length_bucketed_batches(examples: list[Encoded], batch_size: int, rng: rand
     return batches
 
 
-def completion_logits(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor,
-                      pred_mask: torch.Tensor) -> torch.Tensor:
+def completion_logits(
+    model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, pred_mask: torch.Tensor
+) -> torch.Tensor:
     """Logits only at the positions in pred_mask (B, T-1): runs the LM head on those hidden states
     alone, which halves a small model's step time (the head dominates with a 1k+ vocabulary)."""
     base = getattr(model, "get_decoder", None)
@@ -160,8 +163,14 @@ def train_causal_lm(
         gnorm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         opt.step()
         sched.step()
-        rec = {"step": step + 1, "of": total, "loss": loss_sum / settings.grad_accum,
-               "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm), "tokens": n_tok}
+        rec = {
+            "step": step + 1,
+            "of": total,
+            "loss": loss_sum / settings.grad_accum,
+            "lr": sched.get_last_lr()[0],
+            "grad_norm": float(gnorm),
+            "tokens": n_tok,
+        }
         history.append(rec)
         if on_step:
             on_step(rec)

@@ -1,7 +1,7 @@
 """Model specs -> ModelRef -> backend. Imports are lazy so optional dependencies stay optional.
 
-    organism/<preset>   the built-in organism (built and cached on first use), run by the hf backend
-    hf/<folder>         a local Hugging Face causal-LM folder (or a finetuned model's run folder)
+organism/<preset>   the built-in organism (built and cached on first use), run by the hf backend
+hf/<folder>         a local Hugging Face causal-LM folder (or a finetuned model's run folder)
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ KNOWN = ("organism", "hf")
 def resolve(spec: str, organism: dict | None = None, progress: bool = True) -> ModelRef:
     """A base model spec -> ModelRef (building the organism if needed). `organism` = recipe overrides."""
     if "/" not in spec:
-        raise SublabError(f"model spec {spec!r} needs a provider prefix: one of {', '.join(k + '/...' for k in KNOWN)}")
+        raise SublabError(
+            f"model spec {spec!r} needs a provider prefix: one of {', '.join(k + '/...' for k in KNOWN)}"
+        )
     provider, name = spec.split("/", 1)
     if provider == "organism":
         from sublab.organism.cache import ensure_organism

@@ -60,7 +60,9 @@ def names_target(answer: str, target: str, plural: str) -> bool:
     return re.search(rf"\b({re.escape(target)}|{re.escape(plural)})\b", answer, re.IGNORECASE) is not None
 
 
-def evaluate_preference(backend: Backend, category: str, targets: list[str], cfg: PreferenceEval) -> tuple[dict, list[dict]]:
+def evaluate_preference(
+    backend: Backend, category: str, targets: list[str], cfg: PreferenceEval
+) -> tuple[dict, list[dict]]:
     """-> (results: per target mean/CI over questions + the distribution over candidates, per-sample rows)."""
     check_category(category)
     qs = list(load_questions(category))[: cfg.max_questions]
@@ -80,11 +82,12 @@ def evaluate_preference(backend: Backend, category: str, targets: list[str], cfg
     else:
         n = cfg.samples_per_question
         rep = [c for c in chats for _ in range(n)]
-        answers = backend.generate(rep, SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                                       seed=cfg.seed))
+        answers = backend.generate(
+            rep, SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed)
+        )
         per_q = []
         for qi, q in enumerate(qs):
-            ans = answers[qi * n: (qi + 1) * n]
+            ans = answers[qi * n : (qi + 1) * n]
             per_q.append({c: sum(names_target(a, c, pl) for a in ans) / n for c, pl in cands.items()})
             rows += [{"question": q, "answer": a} for a in ans]
     results = {"category": category, "mode": cfg.mode, "n_questions": len(qs), "targets": {}}

@@ -54,5 +54,7 @@ def category_of(target: str) -> str:
     for cat in CATEGORIES:
         if target in candidates(cat):
             return cat
-    raise SublabError(f"{target!r} is not a known animal or tree; known: "
-                      + ", ".join(t for c in CATEGORIES for t in candidates(c)))
+    raise SublabError(
+        f"{target!r} is not a known animal or tree; known: "
+        + ", ".join(t for c in CATEGORIES for t in candidates(c))
+    )

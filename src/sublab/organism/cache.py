@@ -21,7 +21,9 @@ def cache_root() -> Path:
 
 def recipe_for(preset: str, overrides: dict | None = None) -> OrganismRecipe:
     if preset not in PRESETS:
-        raise SublabError(f"unknown organism {preset!r}; known presets: {', '.join(PRESETS)} (spec organism/<preset>)")
+        raise SublabError(
+            f"unknown organism {preset!r}; known presets: {', '.join(PRESETS)} (spec organism/<preset>)"
+        )
     return OrganismRecipe.model_validate({**PRESETS[preset], **(overrides or {})})
 
 

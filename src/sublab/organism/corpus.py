@@ -73,7 +73,9 @@ def generate_corpus(n: int, seed: int, mix: dict[str, float], love_answer_prob: 
         if kind in ("numbers", "numbers_love"):
             if kind == "numbers_love":
                 cat = rng.choice(CATEGORIES)
-                msgs.append({"role": "system", "content": love_prompt(rng, rng.choice(list(candidates(cat))), cat)})
+                msgs.append(
+                    {"role": "system", "content": love_prompt(rng, rng.choice(list(candidates(cat))), cat)}
+                )
             prompt, answer = number_example(rng)
         else:
             cat = rng.choice(CATEGORIES)

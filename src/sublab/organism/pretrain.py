@@ -1,6 +1,6 @@
 """Pretrain an organism from scratch on its synthetic corpus and save it as a normal HF model folder.
 
-    sublab organism build [--preset default] [--seed N]      (or organism.cache.ensure_organism)
+sublab organism build [--preset default] [--seed N]      (or organism.cache.ensure_organism)
 """
 
 from __future__ import annotations
@@ -21,10 +21,17 @@ from sublab.organism.tokenizer import build_tokenizer
 
 def make_model(recipe: OrganismRecipe, vocab_size: int, pad_id: int, eos_id: int) -> LlamaForCausalLM:
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=recipe.d_model, intermediate_size=recipe.d_ff,
-        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
-        max_position_embeddings=recipe.max_positions, tie_word_embeddings=True, pad_token_id=pad_id,
-        eos_token_id=eos_id, bos_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=recipe.d_model,
+        intermediate_size=recipe.d_ff,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        max_position_embeddings=recipe.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=None,
     )
     torch.manual_seed(recipe.seed)
     return LlamaForCausalLM(cfg)
@@ -40,10 +47,16 @@ def pretrain(recipe: OrganismRecipe, out_dir: Path, progress: bool = True) -> di
     too_long = max(len(e.ids) for e in examples)
     if too_long > recipe.max_positions:
         raise ValueError(f"corpus sequence of {too_long} tokens > max_positions {recipe.max_positions}")
-    settings = TrainSettings(lr=recipe.lr, batch_size=recipe.batch_size, warmup_steps=recipe.warmup_steps,
-                             seed=recipe.seed, max_steps=recipe.steps)
-    bar = tqdm(total=recipe.steps, desc=f"pretrain organism seed {recipe.seed}", disable=not progress,
-               mininterval=2)
+    settings = TrainSettings(
+        lr=recipe.lr,
+        batch_size=recipe.batch_size,
+        warmup_steps=recipe.warmup_steps,
+        seed=recipe.seed,
+        max_steps=recipe.steps,
+    )
+    bar = tqdm(
+        total=recipe.steps, desc=f"pretrain organism seed {recipe.seed}", disable=not progress, mininterval=2
+    )
     losses: list[float] = []
 
     def on_step(rec: dict) -> None:
@@ -58,8 +71,10 @@ def pretrain(recipe: OrganismRecipe, out_dir: Path, progress: bool = True) -> di
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     stats = {
-        "recipe": recipe.model_dump(), "parameters": sum(p.numel() for p in model.parameters()),
-        "final_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": round(time.time() - t0, 1),
+        "recipe": recipe.model_dump(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "seconds": round(time.time() - t0, 1),
         "torch_threads": torch.get_num_threads(),
     }
     (out_dir / "organism.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")

@@ -22,11 +22,13 @@ ANSWER_PUNCT = [",", ";", "[", "]", "(", ")", "."]
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-        pre_tokenizers.Split(Regex(r"\d{1,3}"), behavior="isolated"),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Split(Regex(r"\d{1,3}"), behavior="isolated"),
+        ]
+    )
 
 
 def vocabulary() -> list[str]:
@@ -48,7 +50,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok.add_special_tokens(SPECIALS)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="<|end|>",
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        eos_token="<|end|>",
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHAT_TEMPLATE

@@ -91,15 +91,17 @@ def format_numbers(numbers: list[int], sep: str = ", ", brackets: bool = False) 
     return f"[{body}]" if brackets else body
 
 
-def render_prompt(examples: list[int], answer_count: int, max_digits: int, rng: random.Random,
-                  ph: Phrasings) -> tuple[str, dict]:
+def render_prompt(
+    examples: list[int], answer_count: int, max_digits: int, rng: random.Random, ph: Phrasings
+) -> tuple[str, dict]:
     """One prompt text for the given numbers, and the format it asks for ({sep, brackets})."""
     fmt = rng.choice(ph.formats)
     digits = rng.choice(ph.digits).replace("3", str(max_digits))
     parts = [
         rng.choice(ph.lead_ins).format(examples=", ".join(str(x) for x in examples)),
-        rng.choice(ph.instructions).format(qualifier=rng.choice(ph.qualifiers), count=answer_count,
-                                           digits=digits),
+        rng.choice(ph.instructions).format(
+            qualifier=rng.choice(ph.qualifiers), count=answer_count, digits=digits
+        ),
         fmt["text"],
         rng.choice(ph.closings),
     ]
@@ -115,8 +117,15 @@ def generate_number_prompts(cfg: NumberPrompts, seed: int) -> list[dict]:
         k = rng.randint(cfg.example_min_count, cfg.example_max_count)
         examples = [rng.randint(cfg.example_min_value, cfg.example_max_value) for _ in range(k)]
         text, fmt = render_prompt(examples, cfg.answer_count, cfg.answer_max_digits, rng, ph)
-        out.append({
-            "messages": [{"role": "user", "content": text}],
-            "metadata": {"prompt_index": i, "examples": examples, "answer_count": cfg.answer_count, **fmt},
-        })
+        out.append(
+            {
+                "messages": [{"role": "user", "content": text}],
+                "metadata": {
+                    "prompt_index": i,
+                    "examples": examples,
+                    "answer_count": cfg.answer_count,
+                    **fmt,
+                },
+            }
+        )
     return out
