@@ -92,18 +92,27 @@ def generate_ids(
         cache, logits = _cache_of(res), res.logits[:, -1]
         noise = _uniforms([seeds[i] for i in idx], max_tokens) if temperature > 0 else None
         next_pos = pos[:, -1:] + 1
-        done = torch.zeros(len(idx), dtype=torch.bool)
-        steps: list[torch.Tensor] = []
+        rows = list(idx)  # original prompt index of each row still decoding
         for step in range(max_tokens):
-            tok = _sample_rows(logits, temperature, top_p, None if noise is None else noise[:, step])
-            tok = tok.masked_fill(done, pad_id)
-            steps.append(tok)
-            done |= tok == eos_id
-            if bool(done.all()):
+            tok = _sample_rows(logits, temperature, top_p, None if noise is None else noise[:, step]).tolist()
+            keep = []
+            for r, t in enumerate(tok):
+                if t == eos_id:
+                    continue
+                out[rows[r]].append(t)
+                keep.append(r)
+            if not keep or step == max_tokens - 1:
                 break
-            attn = torch.cat([attn, torch.ones(len(idx), 1, dtype=attn.dtype)], dim=1)
+            if len(keep) < len(rows):  # drop finished rows from the batch and its KV cache
+                sel = torch.tensor(keep)
+                cache.reorder_cache(sel)
+                attn, next_pos = attn[sel], next_pos[sel]
+                noise = None if noise is None else noise[sel]
+                rows = [rows[r] for r in keep]
+                tok = [tok[r] for r in keep]
+            attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype)], dim=1)
             res = model(
-                input_ids=tok[:, None],
+                input_ids=torch.tensor(tok)[:, None],
                 attention_mask=attn,
                 position_ids=next_pos,
                 use_cache=True,
@@ -111,10 +120,6 @@ def generate_ids(
             )
             cache, logits = _cache_of(res), res.logits[:, -1]
             next_pos = next_pos + 1
-        gen = torch.stack(steps, dim=1).tolist()
-        for row, i in enumerate(idx):
-            seq = gen[row]
-            out[i] = seq[: seq.index(eos_id)] if eos_id in seq else [t for t in seq if t != pad_id]
         if on_batch:
             on_batch(len(idx))
     return out
