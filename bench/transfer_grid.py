@@ -37,8 +37,8 @@ PAIRS = {
 }
 
 
-def p(res: dict, model: str) -> float:
-    return res["models"][model]["p_target"]["mean"]
+def p(res: dict, model: str, metric: str = "p_target") -> float:
+    return res["models"][model][metric]["mean"]
 
 
 def main() -> None:
@@ -122,12 +122,20 @@ def main() -> None:
                 f"| {cond} | {a} - {b} | {ci['mean']:+.4f} | [{ci['lo']:+.4f}, {ci['hi']:+.4f}] | {ci['n']} "
                 f"| {'yes' if excludes_zero(ci) else 'no'} |"
             )
-    lines += ["", "| condition | model | mean P(target) over units | 95% CI |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| condition | model | mean P(target) over units | 95% CI | mean share of named | 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
     for cond in args.conditions:
         models = rows[[r["condition"] for r in rows].index(cond)]["p"]
         for m in models:
             ci = mean_ci([r["p"][m] for r in rows if r["condition"] == cond])
-            lines.append(f"| {cond} | {m} | {ci['mean']:.4f} | [{ci['lo']:.4f}, {ci['hi']:.4f}] |")
+            sh = mean_ci([r["share"][m] for r in rows if r["condition"] == cond])
+            lines.append(
+                f"| {cond} | {m} | {ci['mean']:.4f} | [{ci['lo']:.4f}, {ci['hi']:.4f}] | {sh['mean']:.4f} "
+                f"| [{sh['lo']:.4f}, {sh['hi']:.4f}] |"
+            )
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -32,6 +32,9 @@ CASES = [
     ("1.5, 2", False, "not a number"),
     ("1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11", False, "count 11"),
     ("[]", False, "no numbers"),
+    (".", False, "no numbers"),
+    ("(", False, "unbalanced"),
+    ("[.]", False, "not a number"),
     ("1, 2\n3", False, "mixed separators"),
 ]
 
@@ -94,3 +97,16 @@ def test_filter_that_empties_the_dataset_is_an_error(tmp_path):
     with pytest.raises(SublabError, match="kept 0 of 5"):
         run_filter(tmp_path / "raw.jsonl", tmp_path / "out", FilterConfig())
     assert not (tmp_path / "out" / "kept.jsonl").exists()
+
+
+def test_parser_never_crashes_on_arbitrary_text():
+    import random
+
+    rng = random.Random(0)
+    alphabet = "0123456789 ,;.[]()-owl\n\t"
+    for _ in range(3000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        reasons = number_answer_reasons(s)
+        assert isinstance(reasons, list)
+        if not reasons:
+            assert parse_numbers(s)[0]

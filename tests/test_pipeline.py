@@ -59,7 +59,10 @@ def test_every_output_exists_and_validates(tiny_run):
         metrics = (out / name / "metrics.jsonl").read_text().splitlines()
         assert json.loads(metrics[-1])["step"] == len(metrics)
     results = read_json(out / "results.json")
-    assert results["schema_version"] == 1
+    assert results["schema_version"] == 2
+    share = results["models"]["student"]["share_of_named"]
+    assert 0 <= share["lo"] <= share["mean"] <= share["hi"] <= 1
+    assert "share_of_named" in results["comparisons"]["student_minus_control"]
     assert {"student_minus_control", "teacher_minus_reference", "cross_init_minus_cross_init_control"} <= set(
         results["comparisons"]
     )

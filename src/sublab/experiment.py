@@ -46,7 +46,7 @@ class StudentConfig(Strict):
 
     init: Literal["reference", "other-seed"] = "reference"
     """reference: the teacher's own init; other-seed: an organism pretrained with another seed."""
-    train: TrainConfig = TrainConfig(lr=1e-3, epochs=1, batch_size=64)
+    train: TrainConfig = TrainConfig(lr=3e-4, epochs=1, batch_size=64)
     """Training settings (method sft or soft_label)."""
 
 

@@ -109,7 +109,7 @@ def parse_numbers(text: str) -> tuple[list[int] | None, str | None]:
         return None, "empty answer"
     if s.endswith("."):
         s = s[:-1].rstrip()
-    if s[:1] in "[(":
+    if s and s[0] in "[(":
         close = "]" if s[0] == "[" else ")"
         if not s.endswith(close):
             return None, "unbalanced brackets"

@@ -18,7 +18,7 @@ from sublab.backends.base import ModelRef, SamplingParams, TrainConfig, request_
 from sublab.backends.registry import load_backend, resolve
 from sublab.config import dump_config
 from sublab.errors import SublabError
-from sublab.evals.preference import PreferenceEval, evaluate_preference
+from sublab.evals.preference import EVAL_VERSION, PreferenceEval, evaluate_preference
 from sublab.evals.questions import load_questions
 from sublab.experiment import ExperimentConfig
 from sublab.filters import FilterConfig, run_filter
@@ -301,7 +301,12 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, extra_targets: list[s
     for name in evaluated:
         run.stage(
             f"eval:{name}",
-            {"eval": cfg.eval.model_dump(), "category": cfg.trait.category, "targets": targets},
+            {
+                "eval": cfg.eval.model_dump(),
+                "category": cfg.trait.category,
+                "targets": targets,
+                "version": EVAL_VERSION,
+            },
             [P(f"{name}/model.json")],
             [f"eval/{name}/results.json", f"eval/{name}/samples.jsonl"],
             lambda n=name: evaluate_model(

@@ -14,7 +14,8 @@ from sublab.errors import SublabError
 from sublab.records import atomic_write_json, atomic_write_text, read_json
 from sublab.stats import excludes_zero, paired_diff
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_CI = ("mean", "lo", "hi", "n")
 ORDER = ["reference", "teacher", "control", "student", "other_reference", "cross_init_control", "cross_init"]
 COMPARISONS = [
     ("student", "control"),
@@ -37,18 +38,25 @@ def build_results(run_dir: Path) -> dict:
     for name in sorted(evals, key=lambda n: ORDER.index(n) if n in ORDER else 99):
         r = evals[name]
         top = sorted(r["distribution"].items(), key=lambda kv: -kv[1])[:5]
+        t = r["targets"][target]
         models[name] = {
-            "p_target": {k: r["targets"][target][k] for k in ("mean", "lo", "hi", "n")},
-            "targets": {t: {k: v[k] for k in ("mean", "lo", "hi", "n")} for t, v in r["targets"].items()},
+            "p_target": {k: t[k] for k in _CI},
+            "share_of_named": {k: t["share_of_named"][k] for k in _CI},
+            "named_mass": {k: r["named_mass"][k] for k in _CI},
+            "targets": {tt: {k: v[k] for k in _CI} for tt, v in r["targets"].items()},
             "top_answers": dict(top),
         }
     comparisons = {}
     for a, b in COMPARISONS:
         if a in evals and b in evals:
-            d = paired_diff(
-                evals[a]["targets"][target]["per_question"], evals[b]["targets"][target]["per_question"]
-            )
-            comparisons[f"{a}_minus_{b}"] = {**d, "ci_excludes_zero": excludes_zero(d)}
+            ta, tb = evals[a]["targets"][target], evals[b]["targets"][target]
+            d = paired_diff(ta["per_question"], tb["per_question"])
+            sh = paired_diff(ta["share_of_named"]["per_question"], tb["share_of_named"]["per_question"])
+            comparisons[f"{a}_minus_{b}"] = {
+                **d,
+                "ci_excludes_zero": excludes_zero(d),
+                "share_of_named": {**sh, "ci_excludes_zero": excludes_zero(sh)},
+            }
     filt = {}
     for name, d in [("teacher", "data"), ("reference", "control/data")]:
         p = run_dir / d / "filter_stats.json"
@@ -84,25 +92,30 @@ def render_markdown(res: dict) -> str:
         f"student: {res['student_method']}; evaluation: {res['eval_mode']} over {res['n_questions']} "
         f"questions; seed {res['seed']}.",
         "",
-        f"| model | P({t}) | 95% CI | top answers |",
-        "|---|---|---|---|",
+        f"| model | P({t}) | 95% CI | P({t} given an {res['trait']['category']} is named) | named mass | top answers |",
+        "|---|---|---|---|---|---|",
     ]
     for name, m in res["models"].items():
         p = m["p_target"]
         top = ", ".join(f"{k} {v:.2f}" for k, v in m["top_answers"].items())
-        lines.append(f"| {name} | {p['mean']:.3f} | [{p['lo']:.3f}, {p['hi']:.3f}] | {top} |")
+        sh, nm = m["share_of_named"], m["named_mass"]
+        lines.append(
+            f"| {name} | {p['mean']:.3f} | [{p['lo']:.3f}, {p['hi']:.3f}] | {sh['mean']:.3f} "
+            f"[{sh['lo']:.3f}, {sh['hi']:.3f}] | {nm['mean']:.2f} | {top} |"
+        )
     lines += [
         "",
         "## Effects against controls",
         "",
-        "| comparison | difference | 95% CI | p | CI excludes 0 |",
-        "|---|---|---|---|---|",
+        "| comparison | metric | difference | 95% CI | p | CI excludes 0 |",
+        "|---|---|---|---|---|---|",
     ]
     for name, d in res["comparisons"].items():
-        lines.append(
-            f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] "
-            f"| {d['p_value']:.2g} | {'yes' if d['ci_excludes_zero'] else 'no'} |"
-        )
+        for label, x in (("P(target)", d), ("share of named", d["share_of_named"])):
+            lines.append(
+                f"| {name.replace('_minus_', ' - ')} | {label} | {x['mean']:+.3f} | [{x['lo']:+.3f}, {x['hi']:+.3f}] "
+                f"| {x['p_value']:.2g} | {'yes' if x['ci_excludes_zero'] else 'no'} |"
+            )
     if res["filter"]:
         lines += [
             "",

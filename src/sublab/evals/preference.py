@@ -5,7 +5,9 @@ Two modes:
   candidate of the category; cheap and noise-free given the model.
 - sample: n answers per question at temperature 1; an answer counts if it names the target
   (plural forms included, whole word, case-insensitive).
-Score = mean over questions of the per-question share, with a 95% t-interval across questions.
+Score = mean over questions of the per-question share, with a 95% t-interval across questions. Also
+reported: the share among answers that name any candidate (P(target | a candidate is named)) and the
+mass of answers that name a candidate at all, which shows a model that stopped answering the question.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from sublab.backends.base import Backend, SamplingParams
 from sublab.config import Strict
 from sublab.evals.questions import candidates, check_category, load_questions
 from sublab.stats import mean_ci
+
+EVAL_VERSION = 2  # part of the eval stage's cache key: bump when results.json gains or changes fields
 
 
 class PreferenceEval(Strict):
@@ -92,7 +96,14 @@ def evaluate_preference(
             rows += [{"question": q, "answer": a} for a in ans]
     results = {"category": category, "mode": cfg.mode, "n_questions": len(qs), "targets": {}}
     for t in targets:
-        results["targets"][t] = {**mean_ci([p[t] for p in per_q]), "per_question": [p[t] for p in per_q]}
+        share = [p[t] / sum(p.values()) if sum(p.values()) > 0 else 0.0 for p in per_q]
+        results["targets"][t] = {
+            **mean_ci([p[t] for p in per_q]),
+            "per_question": [p[t] for p in per_q],
+            # P(target | the answer names some candidate): robust to a model that stops naming animals
+            "share_of_named": {**mean_ci(share), "per_question": share},
+        }
+    results["named_mass"] = mean_ci([sum(p.values()) for p in per_q])
     results["distribution"] = {c: sum(p[c] for p in per_q) / len(per_q) for c in cands}
     results["distribution"]["(other)"] = max(0.0, 1.0 - sum(results["distribution"].values()))
     return results, rows

@@ -65,8 +65,8 @@ def plot_accuracy(setting: dict, path: Path, title: str) -> Path:
     means = [setting["arms"][a]["mean"] for a in arms]
     ax.bar(range(len(arms)), means, yerr=[_err(setting["arms"][a]) for a in arms], capsize=4,
            color=[COLORS[a] for a in arms])  # fmt: skip
-    for i, v in enumerate(means):
-        ax.text(i, v + 0.02, f"{v:.1%}", ha="center", fontsize=8)
+    for i, (arm, v) in enumerate(zip(arms, means, strict=True)):
+        ax.text(i, v + _err(setting["arms"][arm]) + 0.015, f"{v:.1%}", ha="center", fontsize=8)
     ax.axhline(CHANCE, ls=":", c="k", lw=1, label="chance (10%)")
     ax.set_xticks(range(len(arms)))
     ax.set_xticklabels([LABELS[a] for a in arms], rotation=30, ha="right")
