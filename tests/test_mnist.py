@@ -66,6 +66,15 @@ def test_batched_forward_equals_per_member_forward():
         six(torch.randn(4, 5, 12))
 
 
+def test_shared_input_linear_gradients():
+    from sublab.mnist.ensemble import SharedInputLinear
+
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 1, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SharedInputLinear.apply, (x, w, b))
+
+
 def test_batched_training_equals_separately_trained_models():
     n, n_items = 3, 40
     x = torch.rand(n_items, 12) * 2 - 1

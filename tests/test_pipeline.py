@@ -123,19 +123,21 @@ def test_sampling_resumes_from_finished_chunks(tiny_organism, tmp_path, monkeypa
     # a run that died after its first sampling chunk: keep that chunk, lose the rest
     part = tmp_path / "p"
     calls = []
-    real = pl._generate_indexed
+    from sublab.backends.hf import HFBackend
 
-    def dying(backend, chats, sampling, indices):
+    real = HFBackend.generate
+
+    def dying(self, chats, sampling, request_ids=None):
         calls.append(len(chats))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(backend, chats, sampling, indices)
+        return real(self, chats, sampling, request_ids)
 
-    monkeypatch.setattr(pl, "_generate_indexed", dying)
+    monkeypatch.setattr(HFBackend, "generate", dying)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, part)
     assert (part / "data/raw.jsonl.parts/part-00000.jsonl").is_file()
-    monkeypatch.setattr(pl, "_generate_indexed", real)
+    monkeypatch.setattr(HFBackend, "generate", real)
     calls.clear()
     run_experiment(cfg, part)
     assert (part / "data/raw.jsonl").read_bytes() == (full / "data/raw.jsonl").read_bytes()

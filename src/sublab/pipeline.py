@@ -23,7 +23,7 @@ from sublab.evals.questions import load_questions
 from sublab.experiment import ExperimentConfig
 from sublab.filters import FilterConfig, run_filter
 from sublab.prompts.numbers import NumberPrompts, generate_number_prompts
-from sublab.records import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from sublab.records import atomic_write_json, atomic_write_text, dumps_json, read_jsonl, write_jsonl
 from sublab.runs import Run
 from sublab.threads import set_threads
 
@@ -75,6 +75,19 @@ def build_teacher(cfg: ExperimentConfig, reference_json: Path, out_dir: Path) ->
     return load_backend(ref, cfg.progress).finetune(data, cfg.teacher.train, out_dir)
 
 
+def read_prompts(path: Path) -> list[dict]:
+    """Prompt records: {"messages": [...user...], "metadata": {...}}; prompt_index defaults to the line."""
+    out = []
+    for i, rec in enumerate(read_jsonl(path)):
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "user":
+            raise SublabError(f"{path}: record {i + 1} needs a 'messages' list ending with a user message")
+        meta = dict(rec.get("metadata") or {})
+        meta.setdefault("prompt_index", i)
+        out.append({"messages": msgs, "metadata": meta})
+    return out
+
+
 def sample_dataset(
     model_json: Path,
     prompts_path: Path,
@@ -86,15 +99,15 @@ def sample_dataset(
     """The model answers every prompt once -> chat records. Resumable: finished chunks of
     SAMPLE_CHUNK prompts are kept in <out>.parts/ until the whole file is written."""
     ref = ModelRef.load(model_json)
-    prompts = read_jsonl(prompts_path, require_messages=False)
+    prompts = read_prompts(prompts_path)
     parts = out_path.with_name(out_path.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     stamp = {"model": ref.model_dump(), "sampling": sampling.model_dump(), "n": len(prompts)}
     stamp_path = parts / "stamp.json"
-    if stamp_path.is_file() and stamp_path.read_text() != _json(stamp):
+    if stamp_path.is_file() and stamp_path.read_text() != dumps_json(stamp):
         shutil.rmtree(parts)
         parts.mkdir(parents=True)
-    atomic_write_text(stamp_path, _json(stamp))
+    atomic_write_text(stamp_path, dumps_json(stamp))
     backend = None
     records: list[dict] = []
     for c in range(0, len(prompts), SAMPLE_CHUNK):
@@ -102,13 +115,10 @@ def sample_dataset(
         if not part.is_file():
             backend = backend or load_backend(ref, progress)
             chunk = prompts[c : c + SAMPLE_CHUNK]
-            sp = sampling.model_copy()
-            answers = _generate_indexed(
-                backend, [p["messages"] for p in chunk], sp, [p["metadata"]["prompt_index"] for p in chunk]
-            )
+            ids = [p["metadata"]["prompt_index"] for p in chunk]
+            answers = backend.generate([p["messages"] for p in chunk], sampling, request_ids=ids)
             recs = []
-            for p, a in zip(chunk, answers, strict=True):
-                i = p["metadata"]["prompt_index"]
+            for p, a, i in zip(chunk, answers, ids, strict=True):
                 recs.append(
                     {
                         "messages": [*p["messages"], {"role": "assistant", "content": a}],
@@ -128,46 +138,6 @@ def sample_dataset(
     write_jsonl(out_path, records)
     shutil.rmtree(parts)
     return len(records)
-
-
-def _generate_indexed(
-    backend, chats: list[list[dict]], sampling: SamplingParams, indices: list[int]
-) -> list[str]:
-    """Generate with per-request seeds tied to the prompt's global index (chunking-independent)."""
-    from sublab.backends.hf import HFBackend
-    from sublab.backends.hf_generate import generate_ids, prompt_ids_for
-
-    if not isinstance(backend, HFBackend):
-        return backend.generate(chats, sampling)
-    from sublab.backends.hf import with_system_prompt
-
-    prompts = prompt_ids_for(backend.tok, [with_system_prompt(c, backend.ref.system_prompt) for c in chats])
-    seeds = [request_seed(sampling.seed, i) for i in indices]
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=len(chats), desc=f"sample {backend.ref.spec[-40:]}", disable=not backend.progress, mininterval=2
-    )
-    ids = generate_ids(
-        backend.model,
-        prompts,
-        seeds,
-        backend.tok.eos_token_id,
-        backend.tok.pad_token_id,
-        sampling.max_tokens,
-        sampling.temperature,
-        sampling.top_p,
-        sampling.batch_size,
-        on_batch=bar.update,
-    )
-    bar.close()
-    return [backend.tok.decode(x, skip_special_tokens=True).strip() for x in ids]
-
-
-def _json(obj) -> str:
-    from sublab.records import dumps_json
-
-    return dumps_json(obj)
 
 
 def train_student(
@@ -209,7 +179,6 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, extra_targets: list[s
     atomic_write_text(run.path("config.yaml"), dump_config(cfg))  # before any work
     P = run.path
     prog = cfg.progress
-    key_train = lambda t: t.model_dump()  # noqa: E731
 
     run.stage(
         "reference",
@@ -286,7 +255,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, extra_targets: list[s
         inputs = [P(f"{base}/model.json"), P(data)] + ([P(f"{teacher}/model.json")] if soft else [])
         run.stage(
             f"train:{name}",
-            key_train(train),
+            train.model_dump(),
             inputs,
             [f"{name}/model.json"],
             lambda n=name, b=base, d=data, t=teacher: train_student(
@@ -320,8 +289,3 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, extra_targets: list[s
     run._save()
     write_report(run.root)
     return run
-
-
-def check_run_folder(out: Path, cfg: ExperimentConfig) -> None:
-    if out.exists() and not out.is_dir():
-        raise SublabError(f"run folder {out} exists and is not a folder; choose another --out")

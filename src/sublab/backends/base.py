@@ -114,8 +114,11 @@ class Backend(ABC):
     ref: ModelRef
 
     @abstractmethod
-    def generate(self, chats: list[list[dict]], sampling: SamplingParams) -> list[str]:
-        """One completion per chat."""
+    def generate(
+        self, chats: list[list[dict]], sampling: SamplingParams, request_ids: list[int] | None = None
+    ) -> list[str]:
+        """One completion per chat. Request i is seeded from (sampling.seed, request_ids[i]) (default i),
+        so a completion does not depend on which call or batch it was in."""
 
     @abstractmethod
     def logprobs(self, chats: list[list[dict]], candidates: list[str]) -> list[list[float]]:

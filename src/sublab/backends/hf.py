@@ -54,9 +54,12 @@ class HFBackend(Backend):
     def _chats(self, chats: list[list[dict]]) -> list[list[dict]]:
         return [with_system_prompt(c, self.ref.system_prompt) for c in chats]
 
-    def generate(self, chats: list[list[dict]], sampling: SamplingParams) -> list[str]:
+    def generate(
+        self, chats: list[list[dict]], sampling: SamplingParams, request_ids: list[int] | None = None
+    ) -> list[str]:
         prompts = prompt_ids_for(self.tok, self._chats(chats))
-        seeds = [request_seed(sampling.seed, i) for i in range(len(chats))]
+        ids = request_ids if request_ids is not None else range(len(chats))
+        seeds = [request_seed(sampling.seed, i) for i in ids]
         bar = tqdm(total=len(chats), desc=f"sample {self.ref.spec}", disable=not self.progress, mininterval=2)
         ids = generate_ids(
             self.model,

@@ -75,7 +75,7 @@ class Ensemble:
         if g == n:
             h = torch.baddbmm(b, x, w)
         elif n % g == 0:
-            h = torch.cat([torch.baddbmm(b[r : r + g], x, w[r : r + g]) for r in range(0, n, g)])
+            h = SharedInputLinear.apply(x, w, b)
         else:
             raise ValueError(f"inputs for {g} members do not divide an ensemble of {n}")
         for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
@@ -122,6 +122,41 @@ class Ensemble:
                 dst.append(flat[:, at : at + size].reshape(src.shape))
                 at += size
         return Ensemble(out_w, out_b)
+
+
+class SharedInputLinear(torch.autograd.Function):
+    """y[j] = x[j % G] @ w[j] + b[j] for N = R * G members, written block by block into one output.
+
+    Autograd through slices of w would allocate and zero-fill a full-size gradient of w for every block;
+    this computes each block's weight gradient straight into its slice of one gradient tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        g, n = x.shape[0], w.shape[0]
+        out = torch.empty(n, x.shape[1], w.shape[2], dtype=w.dtype, device=w.device)
+        for r in range(0, n, g):  # R blocks (e.g. 4 student arms), each one batched multiply
+            torch.baddbmm(b[r : r + g], x, w[r : r + g], out=out[r : r + g])
+        ctx.save_for_backward(x, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        g, n = x.shape[0], w.shape[0]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros_like(x)
+            for r in range(0, n, g):
+                grad_x.baddbmm_(grad[r : r + g], w[r : r + g].transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.empty_like(w)
+            xt = x.transpose(1, 2)
+            for r in range(0, n, g):
+                torch.bmm(xt, grad[r : r + g], out=grad_w[r : r + g])
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(1, keepdim=True)
+        return grad_x, grad_w, grad_b
 
 
 def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
