@@ -28,8 +28,6 @@ from sublab.mnist.train import (
     train_digits,
 )
 
-torch.set_num_threads(1)
-
 
 def _tiny(n: int, sizes=(12, 8, 8, 13), seed: int = 0, dtype=torch.float32) -> Ensemble:
     ens = Ensemble.init(n, list(sizes), torch.Generator().manual_seed(seed))
