@@ -47,6 +47,16 @@ def _cmd_run(args: argparse.Namespace) -> None:
     run = run_experiment(cfg, out)
     if run.skipped:
         print(f"resumed: skipped {len(run.skipped)} finished stage(s): {', '.join(run.skipped)}")
+    from sublab.records import read_json
+    from sublab.report import ORDER
+
+    res = read_json(out / "results.json")
+    t = res["trait"]["target"]
+    for name in sorted(res["models"], key=lambda n: ORDER.index(n) if n in ORDER else 99):
+        p = res["models"][name]["p_target"]
+        print(f"  P({t}) {name:20s} {p['mean']:.3f} [{p['lo']:.3f}, {p['hi']:.3f}]")
+    for name, d in res["comparisons"].items():
+        print(f"  {name.replace('_minus_', ' - '):29s} {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
     print(f"report: {out / 'report.md'}")
 
 
