@@ -156,7 +156,11 @@ def plot(res: dict, path: Path) -> None:
         "cross_init_control": "#9ecae1",
         "cross_init": "#fdae6b",
     }
-    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.6))
+    # students' effects only: the teacher's shows in the bars and would squash the axis
+    comps = {k: v for k, v in res["comparisons"].items() if not k.startswith("teacher")}
+    fig, (ax, ax2) = plt.subplots(
+        1, 2, figsize=(1.2 * len(names) + 5, 3.8), gridspec_kw={"width_ratios": [len(names), 4]}
+    )
     ax.bar(names, means, yerr=err, capsize=4, color=[colors.get(n, "#555555") for n in names])
     ax.set_ylabel(f"P({res['trait']['target']})")
     ax.set_title(
@@ -164,6 +168,21 @@ def plot(res: dict, path: Path) -> None:
         fontsize=9,
     )
     ax.tick_params(axis="x", labelrotation=20)
+    # the effects against controls, on their own scale (the teacher's bar would hide them)
+    labels = [k.replace("_minus_", " - ") for k in comps]
+    ys = range(len(labels))
+    ax2.errorbar(
+        [c["mean"] for c in comps.values()],
+        ys,
+        xerr=[[c["mean"] - c["lo"] for c in comps.values()], [c["hi"] - c["mean"] for c in comps.values()]],
+        fmt="o",
+        capsize=4,
+        color="black",
+    )
+    ax2.axvline(0, color="#999999", lw=1)
+    ax2.set_yticks(list(ys), labels, fontsize=8)
+    ax2.set_xlabel(f"difference in P({res['trait']['target']})")
+    ax2.set_title("effects (95% CI)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
