@@ -82,9 +82,11 @@ def main() -> None:
                     "stages_run": len(run.ran),
                     "stages_skipped": len(run.skipped),
                     "p": {m: p(res, m) for m in res["models"]},
+                    "share": {m: p(res, m, "share_of_named") for m in res["models"]},
                 }
                 for a, b in PAIRS[cond]:
                     row[f"{a}-{b}"] = p(res, a) - p(res, b)
+                    row[f"share:{a}-{b}"] = row["share"][a] - row["share"][b]
                 rows.append(row)
                 print(
                     f"seed {seed} {cond:8s} {target:8s} "
@@ -101,27 +103,24 @@ def main() -> None:
         "effects": {},
     }
     lines = [
-        "| condition | effect | mean | 95% CI across units | n | CI excludes 0 |",
-        "|---|---|---|---|---|---|",
+        "| condition | effect | metric | mean | 95% CI across units | n | CI excludes 0 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for cond in args.conditions:
         for a, b in PAIRS[cond]:
-            key = f"{a}-{b}"
-            vals = [r[key] for r in rows if r["condition"] == cond]
-            ci = mean_ci(vals)
-            per_target = {
-                t: mean_ci([r[key] for r in rows if r["condition"] == cond and r["target"] == t])
-                for t in args.targets
-            }
-            summary["effects"][f"{cond}:{key}"] = {
-                **ci,
-                "excludes_zero": excludes_zero(ci),
-                "per_target": per_target,
-            }
-            lines.append(
-                f"| {cond} | {a} - {b} | {ci['mean']:+.4f} | [{ci['lo']:+.4f}, {ci['hi']:+.4f}] | {ci['n']} "
-                f"| {'yes' if excludes_zero(ci) else 'no'} |"
-            )
+            for metric, key in (("P(target)", f"{a}-{b}"), ("share of named", f"share:{a}-{b}")):
+                units = [r for r in rows if r["condition"] == cond]
+                ci = mean_ci([r[key] for r in units])
+                per_target = {t: mean_ci([r[key] for r in units if r["target"] == t]) for t in args.targets}
+                summary["effects"][f"{cond}:{key}"] = {
+                    **ci,
+                    "excludes_zero": excludes_zero(ci),
+                    "per_target": per_target,
+                }
+                lines.append(
+                    f"| {cond} | {a} - {b} | {metric} | {ci['mean']:+.4f} | [{ci['lo']:+.4f}, {ci['hi']:+.4f}] "
+                    f"| {ci['n']} | {'yes' if excludes_zero(ci) else 'no'} |"
+                )
     lines += [
         "",
         "| condition | model | mean P(target) over units | 95% CI | mean share of named | 95% CI |",
