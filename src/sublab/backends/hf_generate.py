@@ -82,13 +82,16 @@ def generate_ids(
     """Completion token ids (end token excluded) for each prompt, in input order."""
     model.eval()
     kw = _cache_kw(model)
+    params = inspect.signature(model.forward).parameters
+    # prefill needs only the last position's logits (skips the LM head over the whole prompt)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         ids, attn = _left_pad([prompts[i] for i in idx], pad_id)
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
-        res = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        res = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **last_only)
         cache, logits = _cache_of(res), res.logits[:, -1]
         noise = _uniforms([seeds[i] for i in idx], max_tokens) if temperature > 0 else None
         next_pos = pos[:, -1:] + 1
