@@ -34,7 +34,7 @@ def main() -> None:
     total = time.perf_counter() - t
     stages = read_json(out / "manifest.json")["stages"]
     print(f"{'stage':28s} seconds")
-    for name, st in stages.items():
+    for name, st in sorted(stages.items(), key=lambda kv: kv[1]["started"]):
         print(f"{name:28s} {st['seconds']:8.2f}")
     print(f"{'total (wall)':28s} {total:8.2f}")
     res = read_json(out / "results.json")
