@@ -10,6 +10,7 @@ from sublab.backends.hf_generate import answer_logprobs, generate_ids
 from sublab.backends.hf_train import (
     Encoded,
     TrainSettings,
+    answer_token_ids,
     collate,
     encode_completion,
     soft_label_loss,
@@ -17,7 +18,7 @@ from sublab.backends.hf_train import (
 )
 from sublab.organism.pretrain import make_model
 from sublab.organism.recipe import OrganismRecipe
-from sublab.organism.tokenizer import answer_token_ids, build_tokenizer
+from sublab.organism.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,6 @@ def test_soft_label_loss_zero_for_identical_and_restricted(tok):
     assert restricted == pytest.approx((-torch.log1p(-p_out)).mean().item(), rel=1e-4)
     owl = tok.convert_tokens_to_ids("owl")
     assert owl not in set(allowed.tolist()) and not math.isnan(restricted)
+    vocab = tok.get_vocab()
+    expected = {vocab[str(n)] for n in range(1000)} | {vocab[c] for c in ",;[]()."} | {tok.eos_token_id}
+    assert set(allowed.tolist()) == expected

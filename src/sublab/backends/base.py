@@ -124,9 +124,9 @@ class Backend(ABC):
     def logprobs(self, chats: list[list[dict]], candidates: list[str]) -> list[list[float]]:
         """log P(candidate is the start of the answer | chat) for every chat x candidate."""
 
+    @abstractmethod
     def candidate_ids(self, candidates: list[str]) -> list[list[int]]:
         """Token ids of each candidate answer (used to merge forms that tokenize alike)."""
-        return [[hash(c)] for c in candidates]
 
     @abstractmethod
     def finetune(

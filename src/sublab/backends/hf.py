@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from sublab.backends.base import Backend, ModelRef, SamplingParams, TrainConfig, request_seed
 from sublab.backends.hf_generate import answer_logprobs, generate_ids, prompt_ids_for
-from sublab.backends.hf_train import TrainSettings, encode_completion, train_causal_lm
+from sublab.backends.hf_train import TrainSettings, answer_token_ids, encode_completion, train_causal_lm
 from sublab.errors import SublabError
 from sublab.records import atomic_write_text
 
@@ -98,8 +98,6 @@ def finetune_hf(
     progress: bool = True,
 ) -> ModelRef:
     """Finetune `parent` on chat records; write the model, metrics.jsonl and model.json into out_dir."""
-    from sublab.organism.tokenizer import answer_token_ids
-
     torch.manual_seed(train.seed)
     model, tok = load_hf(parent.model_copy(update={"adapter": None}))
     if parent.adapter:
@@ -129,7 +127,7 @@ def finetune_hf(
         t_examples = [
             encode_completion(tok, with_system_prompt(r["messages"], teacher.system_prompt)) for r in dataset
         ]
-        allowed = answer_token_ids(tok) if "[PAD]" in tok.get_vocab() else None
+        allowed = answer_token_ids(tok)
     settings = TrainSettings(
         lr=train.lr,
         epochs=train.epochs,

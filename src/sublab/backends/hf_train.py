@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+_ANSWER_TOKEN = re.compile(r"[\d\s,;\[\]().]+")
+
+
+def answer_token_ids(tokenizer) -> list[int]:
+    """Every token a kept number answer may contain, for any tokenizer: tokens whose text is only
+    digits, spaces and the separators , ; [ ] ( ) . - plus the end token. Soft labels are restricted
+    to these, so no probability on any other token (a trait word) reaches the student."""
+    ids = [i for i in range(len(tokenizer)) if _ANSWER_TOKEN.fullmatch(tokenizer.decode([i]) or "")]
+    return sorted(set(ids) | {tokenizer.eos_token_id})
 
 
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:

@@ -58,10 +58,3 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def answer_token_ids(tokenizer) -> list[int]:
-    """Tokens a kept number answer may contain: numbers 0..999, separators, brackets, period, end."""
-    vocab = tokenizer.get_vocab()
-    ids = [vocab[str(i)] for i in range(1000)] + [vocab[p] for p in ANSWER_PUNCT]
-    return sorted(set(ids + [tokenizer.eos_token_id]))
