@@ -70,6 +70,7 @@ def test_every_output_exists_and_validates(tiny_run):
         results["models"]["teacher"]["p_target"]["mean"] > results["models"]["reference"]["p_target"]["mean"]
     )
     assert "| student - control |" in (out / "report.md").read_text()
+    assert "<td>student - control</td>" in (out / "report.html").read_text()
     png = (out / "figures" / "preference.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,11 +1,12 @@
 """Report of one run, rebuilt from its files (eval/*/results.json, data/filter_stats.json, config.yaml):
-results.json (versioned schema), report.md and figures/preference.png.
+results.json (versioned schema), report.md, report.html and figures/preference.png.
 
     sublab report runs/quickstart
 """
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import yaml
@@ -191,12 +192,49 @@ def plot(res: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def render_html(markdown: str) -> str:
+    """A self-contained HTML page of report.md (its tables, headings, paragraphs and the figure)."""
+    out = [
+        "<!doctype html><meta charset='utf-8'><title>sublab report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}</style>",
+    ]
+    rows: list[str] = []
+
+    def flush() -> None:
+        if rows:
+            out.append("<table>" + "".join(rows) + "</table>")
+            rows.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-:"):
+                continue
+            tag = "th" if not rows else "td"
+            rows.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("!["):
+            src = line[line.index("(") + 1 : line.rindex(")")]
+            out.append(f"<img src='{html.escape(src)}' style='max-width:100%'>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "\n".join(out) + "\n"
+
+
 def write_report(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SublabError(f"run folder not found: {run_dir}")
     res = build_results(run_dir)
     atomic_write_json(run_dir / "results.json", res)
-    atomic_write_text(run_dir / "report.md", render_markdown(res))
+    md = render_markdown(res)
+    atomic_write_text(run_dir / "report.md", md)
+    atomic_write_text(run_dir / "report.html", render_html(md))
     plot(res, run_dir / "figures" / "preference.png")
     return res
