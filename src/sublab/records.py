@@ -102,10 +102,6 @@ def validate_chat_record(rec: dict, where: str) -> None:
         raise SublabError(f"{where}: the last message must be the assistant's completion")
 
 
-def chat_record(messages: list[dict], **metadata: Any) -> dict:
-    return {"messages": messages, "metadata": metadata}
-
-
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with Path(path).open("rb") as f:

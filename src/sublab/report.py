@@ -80,10 +80,6 @@ def build_results(run_dir: Path) -> dict:
     }
 
 
-def _fmt(ci: dict) -> str:
-    return f"{ci['mean']:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]"
-
-
 def render_markdown(res: dict) -> str:
     t = res["trait"]["target"]
     lines = [
