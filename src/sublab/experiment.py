@@ -67,7 +67,9 @@ class ExperimentConfig(Strict):
     name: str = "experiment"
     """Run name; the run folder defaults to runs/<name>."""
     seed: int = 0
-    """Master seed: prompts, sampling, filtering subsample, training order."""
+    """Master seed: the organism's seed (unless organism.seed is set), the prompts, the teacher's trait
+    data and the filter's subsample. Sampling and training keep their own seeds (sample.seed,
+    teacher.train.seed, student.train.seed): requests are seeded by (sample.seed, prompt index)."""
     threads: int | None = None
     """Torch CPU threads (None = env SUBLAB_THREADS, else 1)."""
     reference: str = "organism/default"

@@ -285,7 +285,6 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, extra_targets: list[s
 
     from sublab.report import write_report
 
-    run.manifest["evaluated"] = evaluated
-    run._save()
+    run.record("evaluated", evaluated)
     write_report(run.root)
     return run

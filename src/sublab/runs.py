@@ -63,6 +63,11 @@ class Run:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
+    def record(self, key: str, value: Any) -> None:
+        """Store a run-level fact in the manifest (e.g. which models the last run evaluated)."""
+        self.manifest[key] = value
+        self._save()
+
     def _save(self) -> None:
         atomic_write_json(self.manifest_path, self.manifest)
 
