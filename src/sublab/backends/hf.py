@@ -58,10 +58,10 @@ class HFBackend(Backend):
         self, chats: list[list[dict]], sampling: SamplingParams, request_ids: list[int] | None = None
     ) -> list[str]:
         prompts = prompt_ids_for(self.tok, self._chats(chats))
-        ids = request_ids if request_ids is not None else range(len(chats))
-        seeds = [request_seed(sampling.seed, i) for i in ids]
+        rids = request_ids if request_ids is not None else range(len(chats))
+        seeds = [request_seed(sampling.seed, i) for i in rids]
         bar = tqdm(total=len(chats), desc=f"sample {self.ref.spec}", disable=not self.progress, mininterval=2)
-        ids = generate_ids(
+        completions = generate_ids(
             self.model,
             prompts,
             seeds,
@@ -74,7 +74,7 @@ class HFBackend(Backend):
             on_batch=bar.update,
         )
         bar.close()
-        return [self.tok.decode(x, skip_special_tokens=True).strip() for x in ids]
+        return [self.tok.decode(x, skip_special_tokens=True).strip() for x in completions]
 
     def candidate_ids(self, candidates: list[str]) -> list[list[int]]:
         return [self.tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
