@@ -326,7 +326,7 @@ def _has_torchvision() -> bool:
 # ------------------------------------------------------------------ end to end
 
 
-def test_end_to_end_on_sklearn_digits(tmp_path):
+def test_end_to_end_on_sklearn_digits(tmp_path, monkeypatch):
     out = tmp_path / "run"
     overrides = [
         "data.source=sklearn-digits",
@@ -385,6 +385,16 @@ def test_end_to_end_on_sklearn_digits(tmp_path):
     for name in figures:
         assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"figures/{name}" in report
+
+    # a rerun resumes: every finished setting is read back from settings/, none is recomputed
+    def recompute(*args, **kwargs):
+        raise AssertionError("a finished setting was recomputed")
+
+    monkeypatch.setattr(experiment, "run_setting", recompute)
+    experiment.main(None, overrides, str(out))
+    assert json.loads((out / "results.json").read_text())["settings"] == res["settings"]
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert len(stages) == 3 and all(st["status"] == "done" for st in stages.values())
 
 
 def test_grid_sweep_expands_every_combination():

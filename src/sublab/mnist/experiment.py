@@ -12,17 +12,20 @@ Arms (each an ensemble of n_models members, member i built from reference init i
   cross_aux     like student_aux, but the student starts from reference p(i) != i (a derangement)
   cross_all     like student_all, cross-init
 The four student arms train together as one ensemble of 4N members; all students of teacher i see the
-same inputs. Writes runs/<name>/{config.yaml, results.json, report.md, figures/*.png}.
+same inputs. Writes runs/<name>/{config.yaml, manifest.json, settings/NNN.json, results.json, report.md,
+figures/*.png}; each sweep setting is a stage, so a rerun skips the settings that finished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import sublab
@@ -45,7 +48,8 @@ from sublab.mnist.train import (
     steps_per_epoch,
     train_digits,
 )
-from sublab.records import atomic_write_json, atomic_write_text
+from sublab.records import atomic_write_json, atomic_write_text, read_json
+from sublab.runs import Run
 
 RESULTS_SCHEMA = "sublab.mnist.results"
 RESULTS_VERSION = 1
@@ -304,11 +308,26 @@ def main(config_path: str | None, overrides: list[str], out: str | None) -> Path
         }
         rows = []
         teacher_cache: dict = {}
+        run = Run(run_dir)  # one stage per sweep setting: a rerun skips finished settings
+        data_hash = hashlib.sha256()
+        for k in ("x_train", "y_train", "x_test", "y_test"):
+            data_hash.update(np.ascontiguousarray(getattr(data, k)).tobytes())
         for i, s in enumerate(settings):
-            row = run_setting(s["cfg"], data, tensors, device, teacher_cache, s["label"])
-            row["id"] = i
-            row["knobs"] = s["knobs"]
-            rows.append(row)
+            out_rel = f"settings/{i:03d}.json"
+
+            def compute(s=s, i=i, out_rel=out_rel) -> None:
+                row = run_setting(s["cfg"], data, tensors, device, teacher_cache, s["label"])
+                row["id"] = i
+                row["knobs"] = s["knobs"]
+                atomic_write_json(run_dir / out_rel, row)
+
+            key = {
+                "setting": s["cfg"].model_dump(mode="json"),
+                "data": data_hash.hexdigest(),
+                "device": str(device),
+            }
+            run.stage(f"setting:{i:03d}", key, [], [out_rel], compute)
+            rows.append(read_json(run_dir / out_rel))
         total = time.perf_counter() - t_start
     finally:
         torch.set_num_threads(old_threads)
