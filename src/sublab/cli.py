@@ -7,7 +7,8 @@
     sublab filter IN.jsonl --out DIR [--banned-numbers paper]
     sublab finetune MODEL DATA.jsonl --out DIR [--method soft_label --teacher MODEL]
     sublab evaluate MODEL --target owl --out DIR [--mode exact|sample]
-    sublab report RUN_DIR
+    sublab report RUN_DIR|SWEEP_DIR ...
+    sublab sweep SWEEP.yaml [--set a.b=v] [--out DIR]       targets x seeds x conditions, one report
     sublab mnist CONFIG.yaml [--set a.b=v] [--out DIR]
 
 MODEL is a spec (organism/default, hf/<folder>) or a folder holding a model.json written by sublab.
@@ -152,9 +153,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _cmd_report(args: argparse.Namespace) -> None:
     from sublab.report import write_report
+    from sublab.sweep_report import write_sweep_report
 
-    write_report(args.run_dir)
-    print(f"report: {Path(args.run_dir) / 'report.md'}")
+    for d in args.run_dir:
+        (write_sweep_report if (Path(d) / "sweep.json").is_file() else write_report)(d)
+        print(f"report: {Path(d) / 'report.md'}")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from sublab.sweep import run_sweep
+    from sublab.threads import set_threads
+
+    set_threads(args.threads)
+    root = run_sweep(args.sweep, args.set, args.out)
+    print(f"report: {root / 'report.md'}")
 
 
 def _cmd_mnist(args: argparse.Namespace) -> None:
@@ -237,8 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
 
     rp = sub.add_parser("report", help="rebuild a run's results.json, report.md and figures")
-    rp.add_argument("run_dir")
+    rp.add_argument("run_dir", nargs="+", help="run folders or sweep folders")
     rp.set_defaults(func=_cmd_report)
+
+    sw = sub.add_parser("sweep", help="many runs (targets x seeds x conditions x axes) and one report")
+    sw.add_argument("sweep", help="sweep YAML, e.g. configs/sweep-quickstart.yaml")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key")
+    sw.add_argument("--out", default=None, help="sweep folder (default: runs/<name>)")
+    sw.add_argument(
+        "--executor",
+        default="local",
+        choices=["local"],
+        help="local: one process, shared stages computed once",
+    )
+    threads(sw)
+    sw.set_defaults(func=_cmd_sweep)
 
     m = sub.add_parser("mnist", help="auxiliary-logit MLP experiment (batched ensemble) and the theorem")
     m.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")

@@ -173,9 +173,21 @@ def evaluate_model(
 # ---- the chain -----------------------------------------------------------------------------------
 
 
-def run_experiment(cfg: ExperimentConfig, out: str | Path, extra_targets: list[str] | None = None) -> Run:
+def model_outputs(name: str, train: TrainConfig) -> list[str]:
+    """Files a finetuning stage writes into <name>/ (what a sweep's shared stage store keeps)."""
+    return [f"{name}/model.json", f"{name}/metrics.jsonl", f"{name}/{'adapter' if train.lora else 'model'}"]
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    extra_targets: list[str] | None = None,
+    shared: str | Path | None = None,
+) -> Run:
+    """Run (or resume) one experiment in `out`. `shared`: a stage store that runs of a sweep share, so a
+    stage with the same config and inputs in another run is copied instead of computed."""
     set_threads(cfg.threads)
-    run = Run(out)
+    run = Run(out, shared=shared)
     atomic_write_text(run.path("config.yaml"), dump_config(cfg))  # before any work
     P = run.path
     prog = cfg.progress
@@ -191,7 +203,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, extra_targets: list[s
         "teacher",
         {"trait": cfg.trait.model_dump(), "teacher": cfg.teacher.model_dump(), "seed": cfg.seed},
         [P("reference/model.json")],
-        ["teacher/model.json"],
+        ["teacher/model.json"]
+        if cfg.teacher.kind == "system_prompt"
+        else [*model_outputs("teacher", cfg.teacher.train), "teacher/train.jsonl"],
         lambda: build_teacher(cfg, P("reference/model.json"), P("teacher")),
     )
     prompts_cfg: NumberPrompts = cfg.prompts
@@ -257,7 +271,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, extra_targets: list[s
             f"train:{name}",
             train.model_dump(),
             inputs,
-            [f"{name}/model.json"],
+            model_outputs(name, train),
             lambda n=name, b=base, d=data, t=teacher: train_student(
                 P(f"{b}/model.json"), P(d), train, P(n), P(f"{t}/model.json") if soft else None, prog
             ),

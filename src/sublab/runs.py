@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,8 +51,10 @@ def versions() -> dict:
 class Run:
     """A run folder with a manifest.json."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, shared: str | Path | None = None):
         self.root = Path(root)
+        self.shared = Path(shared) if shared else None  # content-addressed stage store (sweeps)
+        self.reused: list[str] = []
         self.root.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.root / "manifest.json"
         self.manifest: dict = (
@@ -95,6 +99,20 @@ class Run:
         if self.is_done(name, key_hash):
             self.skipped.append(name)
             return False
+        entry = self.shared / f"{name.replace(':', '_')}-{key_hash[:20]}" if self.shared else None
+        if entry is not None and (entry / ".complete").is_file():
+            self._copy_outputs(entry, self.root, outputs)  # computed by another run of the sweep
+            self.manifest["stages"][name] = {
+                "status": "done",
+                "key": key_hash,
+                "outputs": outputs,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "seconds": 0.0,
+                "shared_from": str(entry),
+            }
+            self._save()
+            self.reused.append(name)
+            return False
         self.manifest["stages"][name] = {
             "status": "running",
             "key": key_hash,
@@ -117,4 +135,30 @@ class Run:
         self.manifest["stages"][name].pop("pid", None)
         self._save()
         self.ran.append(name)
+        if entry is not None and not entry.exists():
+            self._store(entry, outputs)
         return True
+
+    @staticmethod
+    def _copy_outputs(src_root: Path, dst_root: Path, outputs: list[str]) -> None:
+        for rel in outputs:
+            src, dst = src_root / rel, dst_root / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy2(src, dst)
+
+    def _store(self, entry: Path, outputs: list[str]) -> None:
+        """Copy a finished stage's outputs into the shared store (temp folder + rename: atomic)."""
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        try:
+            self._copy_outputs(self.root, tmp, outputs)
+            (tmp / ".complete").write_text("")
+            os.replace(tmp, entry)
+        except OSError:
+            pass  # another run stored it first
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

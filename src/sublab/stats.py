@@ -52,3 +52,47 @@ def welch_diff(a: list[float], b: list[float], confidence: float = 0.95) -> dict
 
 def excludes_zero(ci: dict) -> bool:
     return bool(ci["lo"] > 0 or ci["hi"] < 0)
+
+
+def compare_seeds(student: list[float], control: list[float]) -> dict:
+    """Student vs control across seeds, paired by seed (one control per seed): mean difference with a
+    paired t CI, paired t-test, Welch t-test, exact/Monte-Carlo permutation test (swaps within pairs),
+    and Cohen's d_z (mean difference / sd of differences)."""
+    a, b = np.asarray(student, float), np.asarray(control, float)
+    d = a - b
+    out = mean_ci(d.tolist())
+    n = len(d)
+    sd = float(d.std(ddof=1)) if n > 1 else math.nan
+    out["cohens_dz"] = float(d.mean() / sd) if n > 1 and sd > 0 else math.nan
+    out["p_paired_t"] = float(st.ttest_rel(a, b).pvalue) if n > 1 and sd > 0 else math.nan
+    out["p_welch"] = float(st.ttest_ind(a, b, equal_var=False).pvalue) if n > 1 else math.nan
+    if n > 1 and np.any(d != 0):
+        res = st.permutation_test(
+            (a, b),
+            lambda x, y, axis: np.mean(x - y, axis=axis),
+            permutation_type="samples",
+            n_resamples=9999,
+            alternative="two-sided",
+            random_state=0,
+        )
+        out["p_permutation"] = float(res.pvalue)
+    else:
+        out["p_permutation"] = math.nan
+    return out
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (NaN stays NaN), in the input order.
+
+    >>> [round(p, 3) for p in holm([0.01, 0.04, 0.03])]
+    [0.03, 0.06, 0.06]
+    """
+    idx = [i for i, p in enumerate(pvalues) if not math.isnan(p)]
+    order = sorted(idx, key=lambda i: pvalues[i])
+    m = len(order)
+    adj = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adj[i] = running
+    return adj

@@ -1,0 +1,116 @@
+"""Sweeps: expansion, axis validation, shared stages computed once, resume, aggregated report."""
+
+import json
+
+import pytest
+import yaml
+from conftest import tiny_experiment
+
+from sublab.cli import main
+from sublab.errors import SublabError
+from sublab.records import read_json
+from sublab.stats import compare_seeds, holm
+from sublab.sweep import SweepConfig, check_path, expand, run_sweep
+
+
+def test_grid_expansion_and_names():
+    cfg = SweepConfig(base="x.yaml", targets=["owl", "wolf"], seeds=[0, 1], conditions=["sft", "soft"])
+    runs = expand(cfg)
+    assert len(runs) == 8
+    assert runs[0]["name"] == "sft-owl-seed0"
+    assert runs[-1]["overrides"] == {"student.train.method": "soft_label", "trait.target": "wolf", "seed": 1}
+    listed = expand(SweepConfig(base="x.yaml", mode="list", runs=[{"seed": 3}, {"trait.target": "fox"}]))
+    assert [r["overrides"] for r in listed] == [{"seed": 3}, {"trait.target": "fox"}]
+
+
+@pytest.mark.parametrize(
+    "axes,message",
+    [
+        ({"student.trian.lr": [1]}, "did you mean 'train'"),
+        ({"seed.x": [1]}, "is a value, not a section"),
+        ({"student.train.lr": []}, "is empty"),
+    ],
+)
+def test_bad_axes_are_clear_errors(axes, message):
+    with pytest.raises(SublabError, match=message):
+        expand(SweepConfig(base="x.yaml", axes=axes))
+
+
+def test_paths_into_free_form_sections_are_allowed():
+    check_path("organism.steps")
+    check_path("student.train.lora")
+    with pytest.raises(SublabError, match="unknown condition"):
+        expand(SweepConfig(base="x.yaml", conditions=["bogus"]))
+
+
+def test_stats_against_scipy():
+    from scipy import stats as st
+
+    s, c = [0.10, 0.14, 0.12, 0.20], [0.07, 0.09, 0.08, 0.10]
+    r = compare_seeds(s, c)
+    assert r["p_paired_t"] == pytest.approx(st.ttest_rel(s, c).pvalue)
+    assert r["p_welch"] == pytest.approx(st.ttest_ind(s, c, equal_var=False).pvalue)
+    assert r["p_permutation"] == pytest.approx(2 / 16)  # exact: all 16 sign patterns, 2 as extreme
+    assert holm([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])
+
+
+@pytest.fixture()
+def sweep_file(tmp_path):
+    base = tiny_experiment()
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = {
+        "name": "t",
+        "base": "base.yaml",
+        "targets": ["owl", "wolf"],
+        "seeds": [0],
+        "conditions": ["sft"],
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    return tmp_path / "sweep.yaml"
+
+
+def test_shared_stages_run_once_and_resume(tiny_organism, sweep_file, tmp_path, monkeypatch):
+    import sublab.pipeline as pl
+
+    calls = {"sample": [], "train": []}
+    real_sample, real_train = pl.sample_dataset, pl.train_student
+
+    def sample(model_json, *a, **k):
+        calls["sample"].append(model_json.parent.name)
+        return real_sample(model_json, *a, **k)
+
+    def train(base, data, train_cfg, out, *a, **k):
+        calls["train"].append(out.name)
+        return real_train(base, data, train_cfg, out, *a, **k)
+
+    monkeypatch.setattr(pl, "sample_dataset", sample)
+    monkeypatch.setattr(pl, "train_student", train)
+    out = tmp_path / "sweep-out"
+    run_sweep(sweep_file, out=out, progress=False)
+    # two targets share one seed: the reference's data and the control student are computed once
+    assert sorted(calls["sample"]) == ["reference", "teacher", "teacher"]
+    assert sorted(calls["train"]) == ["control", "student", "student"]
+    state = read_json(out / "sweep.json")
+    assert [r["status"] for r in state["runs"]] == ["done", "done"]
+    assert state["counts"]["stages_shared"] >= 5
+    results = read_json(out / "sweep_results.json")
+    assert {e["target"] for e in results["effects"]} == {"owl", "wolf"}
+    report = (out / "report.md").read_text()
+    assert "| sft | owl | student - control | 1 |" in report
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    # rerun: nothing is recomputed; results identical
+    calls["sample"].clear()
+    calls["train"].clear()
+    before = (out / "sweep_results.json").read_bytes()
+    run_sweep(sweep_file, out=out, progress=False)
+    assert calls == {"sample": [], "train": []}
+    assert (out / "sweep_results.json").read_bytes() == before
+    # `sublab report` rebuilds it from the folders
+    assert main(["report", str(out)]) == 0
+    assert json.loads((out / "sweep_results.json").read_text())["effects"]
+
+
+def test_sweep_cli_bad_axis(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text("base: quickstart.yaml\naxes: {student.train.lrr: [1]}\n")
+    assert main(["sweep", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
