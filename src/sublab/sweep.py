@@ -206,6 +206,8 @@ def run_sweep(
             break
         counts[entry["status"]] += 1
         state["runs"].append(entry)
+        state.update(counts=counts, seconds=round(time.time() - t0, 1))
+        atomic_write_json(root / "sweep.json", state)  # progress on disk after every run
         bar.update(1)
         bar.set_postfix(done=counts["done"], failed=counts["failed"])
     bar.close()
