@@ -114,3 +114,24 @@ def test_sweep_cli_bad_axis(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text("base: quickstart.yaml\naxes: {student.train.lrr: [1]}\n")
     assert main(["sweep", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert "did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_process_pool_computes_shared_stages_once_and_matches_sequential(tiny_organism, sweep_file, tmp_path):
+    seq = run_sweep(sweep_file, out=tmp_path / "seq", progress=False)
+    par = run_sweep(sweep_file, out=tmp_path / "par", progress=False, workers=2)
+    a, b = read_json(seq / "sweep_results.json"), read_json(par / "sweep_results.json")
+    assert a["effects"] == b["effects"] and a["runs"] == b["runs"]
+    computed: dict[str, int] = {}
+    for run in ("sft-owl-seed0", "sft-wolf-seed0"):
+        for name, st in read_json(par / "runs" / run / "manifest.json")["stages"].items():
+            if "shared_from" not in st:
+                computed[name] = computed.get(name, 0) + 1
+    # the stages both runs share ran in one worker only; the other waited and copied them
+    assert computed["sample:reference"] == 1 and computed["train:control"] == 1 and computed["prompts"] == 1
+    assert computed["sample:teacher"] == 2
+    assert not list((par / "stages").glob("*.lock"))
+
+
+def test_workers_may_not_oversubscribe(sweep_file, tmp_path):
+    with pytest.raises(SublabError, match="oversubscribe"):
+        run_sweep(sweep_file, out=tmp_path / "o", progress=False, workers=64)

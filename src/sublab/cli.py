@@ -162,10 +162,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from sublab.sweep import run_sweep
-    from sublab.threads import set_threads
 
-    set_threads(args.threads)
-    root = run_sweep(args.sweep, args.set, args.out)
+    root = run_sweep(args.sweep, args.set, args.out, workers=args.workers)
     print(f"report: {root / 'report.md'}")
 
 
@@ -256,13 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("sweep", help="sweep YAML, e.g. configs/sweep-quickstart.yaml")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key")
     sw.add_argument("--out", default=None, help="sweep folder (default: runs/<name>)")
+    sw.add_argument("--executor", default="local", choices=["local"], help="local: this machine")
     sw.add_argument(
-        "--executor",
-        default="local",
-        choices=["local"],
-        help="local: one process, shared stages computed once",
+        "--workers", type=int, default=1, help="parallel runs (processes); workers x threads <= cores"
     )
-    threads(sw)
     sw.set_defaults(func=_cmd_sweep)
 
     m = sub.add_parser("mnist", help="auxiliary-logit MLP experiment (batched ensemble) and the theorem")

@@ -48,6 +48,51 @@ def versions() -> dict:
     }
 
 
+class _StoreLock:
+    """An exclusive lock file beside a stage-store entry, so parallel workers compute a shared stage
+    once: the others wait for it. A lock whose process is gone is taken over."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.held = False
+
+    def acquire(self, entry: Path, poll: float = 0.2) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                self.held = True
+                return
+            except FileExistsError:
+                if (entry / ".complete").is_file():
+                    return
+                try:
+                    pid = int(self.path.read_text() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and not _alive(pid):
+                    self.path.unlink(missing_ok=True)  # stale: its process died
+                    continue
+                time.sleep(poll)
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Run:
     """A run folder with a manifest.json."""
 
@@ -100,19 +145,33 @@ class Run:
             self.skipped.append(name)
             return False
         entry = self.shared / f"{name.replace(':', '_')}-{key_hash[:20]}" if self.shared else None
-        if entry is not None and (entry / ".complete").is_file():
-            self._copy_outputs(entry, self.root, outputs)  # computed by another run of the sweep
-            self.manifest["stages"][name] = {
-                "status": "done",
-                "key": key_hash,
-                "outputs": outputs,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "seconds": 0.0,
-                "shared_from": str(entry),
-            }
-            self._save()
-            self.reused.append(name)
-            return False
+        lock = None
+        if entry is not None:
+            lock = _StoreLock(entry.with_name(entry.name + ".lock"))
+            lock.acquire(entry)  # another worker computing the same stage: wait for its result
+            if (entry / ".complete").is_file():
+                lock.release()
+                self._copy_outputs(entry, self.root, outputs)  # computed by another run of the sweep
+                self.manifest["stages"][name] = {
+                    "status": "done",
+                    "key": key_hash,
+                    "outputs": outputs,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "seconds": 0.0,
+                    "shared_from": str(entry),
+                }
+                self._save()
+                self.reused.append(name)
+                return False
+        try:
+            return self._compute(name, key_hash, outputs, fn, entry)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _compute(
+        self, name: str, key_hash: str, outputs: list[str], fn: Callable[[], Any], entry: Path | None
+    ) -> bool:
         self.manifest["stages"][name] = {
             "status": "running",
             "key": key_hash,

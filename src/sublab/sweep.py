@@ -161,59 +161,108 @@ def _yaml_value(v: Any) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("\n...").strip()
 
 
+def _run_one(cfg_json: dict, run_dir: str, shared: str, retries: int) -> dict:
+    """One experiment of a sweep (also the process-pool worker): retries crashes, returns its record."""
+    from sublab.pipeline import run_experiment
+
+    ecfg = ExperimentConfig.model_validate(cfg_json)
+    rec: dict = {"status": "failed", "attempts": 0}
+    for attempt in range(retries + 1):
+        rec["attempts"] = attempt + 1
+        try:
+            run = run_experiment(ecfg, run_dir, shared=shared)
+        except SublabError as e:  # a user error: retrying will not help
+            rec["error"] = str(e)[:500]
+            break
+        except Exception as e:  # a crashed run: retry, then record and go on
+            rec["error"] = f"{type(e).__name__}: {e}"[:500]
+            continue
+        rec.update(
+            status="done",
+            stages_run=len(run.ran),
+            stages_skipped=len(run.skipped),
+            stages_shared=len(run.reused),
+        )
+        rec.pop("error", None)
+        break
+    return rec
+
+
 def run_sweep(
     sweep_file: str | Path,
     overrides: list[str] | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
-    """Expand and run every experiment of the sweep (resumable), then write the aggregated report."""
-    from sublab.pipeline import run_experiment
+    """Expand and run every experiment of the sweep (resumable), then write the aggregated report.
+    workers > 1: a process pool; each worker uses the experiment's `threads`, and workers x threads
+    may not exceed the machine's cores. Shared stages are still computed once (a lock per stage)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
     from sublab.sweep_report import write_sweep_report
+    from sublab.threads import resolve_threads
 
     sweep_file = Path(sweep_file)
     cfg = validate(SweepConfig, apply_overrides(read_yaml(sweep_file), overrides or []), str(sweep_file))
     runs = expand(cfg)
     configs = {r["name"]: run_config(cfg, sweep_file, r["overrides"]) for r in runs}  # validate all first
+    threads = max(resolve_threads(c.threads) for c in configs.values())
+    cores = os.cpu_count() or 1
+    if workers < 1 or workers * threads > cores:
+        raise SublabError(
+            f"--workers {workers} x {threads} thread(s) per run would oversubscribe this machine's {cores} "
+            f"cores; use --workers {max(1, cores // threads)} or fewer"
+        )
     root = Path(out or f"runs/{cfg.name}")
     root.mkdir(parents=True, exist_ok=True)
-    state = {"sweep": cfg.model_dump(mode="json"), "sweep_file": str(sweep_file), "runs": []}
+    state = {
+        "sweep": cfg.model_dump(mode="json"),
+        "sweep_file": str(sweep_file),
+        "runs": [],
+        "workers": workers,
+    }
     bar = tqdm(total=len(runs), desc=f"sweep {cfg.name}", disable=not progress)
     counts = {"done": 0, "failed": 0, "stages_run": 0, "stages_skipped": 0, "stages_shared": 0}
     t0 = time.time()
-    for r in runs:
-        ecfg = configs[r["name"]].model_copy(update={"progress": False, "name": r["name"]})
-        entry = {**r, "folder": f"runs/{r['name']}", "status": "failed", "attempts": 0}
-        for attempt in range(cfg.retries + 1):
-            entry["attempts"] = attempt + 1
-            try:
-                run = run_experiment(ecfg, root / "runs" / r["name"], shared=root / "stages")
-            except SublabError:
-                raise
-            except Exception as e:  # a crashed run: retry, then record and go on
-                entry["error"] = f"{type(e).__name__}: {e}"[:500]
-                continue
-            entry.update(
-                status="done",
-                stages_run=len(run.ran),
-                stages_skipped=len(run.skipped),
-                stages_shared=len(run.reused),
-            )
-            entry.pop("error", None)
-            counts["stages_run"] += len(run.ran)
-            counts["stages_skipped"] += len(run.skipped)
-            counts["stages_shared"] += len(run.reused)
-            break
-        counts[entry["status"]] += 1
-        state["runs"].append(entry)
-        state.update(counts=counts, seconds=round(time.time() - t0, 1))
+    tasks = {
+        r["name"]: (
+            configs[r["name"]]
+            .model_copy(update={"progress": False, "name": r["name"]})
+            .model_dump(mode="json"),
+            str(root / "runs" / r["name"]),
+            str(root / "stages"),
+            cfg.retries,
+        )
+        for r in runs
+    }
+    records: dict[str, dict] = {}
+
+    def finished(name: str, rec: dict) -> None:
+        records[name] = rec
+        counts[rec["status"]] += 1
+        for k in ("stages_run", "stages_skipped", "stages_shared"):
+            counts[k] += rec.get(k, 0)
+        done = [
+            {**r, "folder": f"runs/{r['name']}", **records[r["name"]]} for r in runs if r["name"] in records
+        ]
+        state.update(runs=done, counts=counts, seconds=round(time.time() - t0, 1))
         atomic_write_json(root / "sweep.json", state)  # progress on disk after every run
         bar.update(1)
-        bar.set_postfix(done=counts["done"], failed=counts["failed"])
+        bar.set_postfix(done=counts["done"], failed=counts["failed"], running=len(runs) - len(records))
+
+    if workers == 1:
+        for r in runs:
+            finished(r["name"], _run_one(*tasks[r["name"]]))
+    else:
+        # spawn, not fork: a forked child of a process that already ran torch can deadlock
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, *tasks[r["name"]]): r["name"] for r in runs}
+            for fut in as_completed(futures):
+                finished(futures[fut], fut.result())
     bar.close()
-    state["counts"] = counts
-    state["seconds"] = round(time.time() - t0, 1)
-    atomic_write_json(root / "sweep.json", state)
     write_sweep_report(root)
     if counts["failed"]:
         errs = "; ".join(f"{e['name']}: {e.get('error')}" for e in state["runs"] if e["status"] == "failed")
