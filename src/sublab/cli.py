@@ -268,19 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_libraries() -> None:
-    """sublab shows its own progress bars; transformers' per-load bars only add noise."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    from sublab.backends.registry import quiet_transformers
+
+    quiet_transformers()
     try:
         args.func(args)
     except SublabError as e:

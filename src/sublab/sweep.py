@@ -163,8 +163,10 @@ def _yaml_value(v: Any) -> str:
 
 def _run_one(cfg_json: dict, run_dir: str, shared: str, retries: int) -> dict:
     """One experiment of a sweep (also the process-pool worker): retries crashes, returns its record."""
+    from sublab.backends.registry import quiet_transformers
     from sublab.pipeline import run_experiment
 
+    quiet_transformers()  # pool workers do not go through the CLI's main()
     ecfg = ExperimentConfig.model_validate(cfg_json)
     rec: dict = {"status": "failed", "attempts": 0}
     for attempt in range(retries + 1):

@@ -43,3 +43,13 @@ def load_backend(ref: ModelRef, progress: bool = True) -> Backend:
     from sublab.backends.hf import HFBackend
 
     return HFBackend(ref, progress=progress)
+
+
+def quiet_transformers() -> None:
+    """sublab shows its own progress bars; transformers' per-load bars only add noise."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
