@@ -134,6 +134,18 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def plot(res: dict, path: Path) -> None:
     import matplotlib
 
@@ -180,12 +192,7 @@ def plot(res: dict, path: Path) -> None:
     ax2.set_yticks(list(ys), labels, fontsize=8)
     ax2.set_xlabel(f"difference in P({res['trait']['target']})")
     ax2.set_title("effects (95% CI)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def render_html(markdown: str) -> str:

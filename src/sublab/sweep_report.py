@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from sublab.records import atomic_write_json, atomic_write_text, read_json
-from sublab.report import render_html
+from sublab.report import render_html, save_figure
 from sublab.stats import compare_seeds, holm, mean_ci
 
 PAIRS = [("student", "control"), ("cross_init", "cross_init_control")]
@@ -107,12 +107,7 @@ def plot(agg: dict, rows: list[dict], path: Path, condition: str) -> None:
     ax.set_ylabel("P(target)")
     ax.set_title(f"condition {condition}: mean over seeds, 95% CI", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def write_sweep_report(root: str | Path) -> dict:
