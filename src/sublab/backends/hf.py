@@ -128,18 +128,8 @@ def finetune_hf(
             encode_completion(tok, with_system_prompt(r["messages"], teacher.system_prompt)) for r in dataset
         ]
         allowed = answer_token_ids(tok)
-    settings = TrainSettings(
-        lr=train.lr,
-        epochs=train.epochs,
-        batch_size=train.batch_size,
-        grad_accum=train.grad_accum,
-        warmup_steps=train.warmup_steps,
-        schedule=train.schedule,
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        seed=train.seed,
-        max_steps=train.max_steps,
-    )
+    # TrainConfig is TrainSettings plus what this function handles itself (method, LoRA)
+    settings = TrainSettings(**train.model_dump(exclude={"method", "lora"}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
