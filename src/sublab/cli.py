@@ -8,8 +8,9 @@
     sublab finetune MODEL DATA.jsonl --out DIR [--method soft_label --teacher MODEL]
     sublab evaluate MODEL --target owl --out DIR [--mode exact|sample]
     sublab report RUN_DIR|SWEEP_DIR ...
-    sublab sweep SWEEP.yaml [--set a.b=v] [--out DIR]       targets x seeds x conditions, one report
+    sublab sweep SWEEP.yaml [--workers N] [--executor local|ray [--address auto|HOST:PORT]]
     sublab mnist CONFIG.yaml [--set a.b=v] [--out DIR]
+    sublab serve MODEL [MODEL ...] [--host 127.0.0.1] [--port 8000] [--faults 0.2]   OpenAI-compatible API
 
 MODEL is a spec (organism/default, hf/<folder>) or a folder holding a model.json written by sublab.
 """
@@ -163,8 +164,31 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from sublab.sweep import run_sweep
 
-    root = run_sweep(args.sweep, args.set, args.out, workers=args.workers)
+    root = run_sweep(
+        args.sweep, args.set, args.out, workers=args.workers, executor=args.executor, address=args.address
+    )
     print(f"report: {root / 'report.md'}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from sublab.serve.app import ServeOptions, serve
+
+    kinds = tuple(k.strip() for k in args.fault_kinds.split(",") if k.strip())
+    opts = ServeOptions(
+        models=args.model,
+        host=args.host,
+        port=args.port,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        api_key_env=args.api_key_env,
+        faults=args.faults,
+        fault_kinds=kinds,
+        retry_after_s=args.retry_after,
+        fault_seed=args.fault_seed,
+        base_lr=args.base_lr,
+        job_delay_s=args.job_delay,
+        threads=args.threads,
+    )
+    serve(opts)
 
 
 def _cmd_mnist(args: argparse.Namespace) -> None:
@@ -254,11 +278,44 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("sweep", help="sweep YAML, e.g. configs/sweep-quickstart.yaml")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key")
     sw.add_argument("--out", default=None, help="sweep folder (default: runs/<name>)")
-    sw.add_argument("--executor", default="local", choices=["local"], help="local: this machine")
     sw.add_argument(
-        "--workers", type=int, default=1, help="parallel runs (processes); workers x threads <= cores"
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this machine (processes); ray: one Ray task per run (pip install 'sublab[ray]')",
+    )
+    sw.add_argument(
+        "--address",
+        default=None,
+        help="ray: 'auto' or host:port of a running cluster (default: start a local Ray instance)",
+    )
+    sw.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local: parallel runs (processes), workers x threads <= cores; ray local instance: its CPUs "
+        "= workers x threads",
     )
     sw.set_defaults(func=_cmd_sweep)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible API over local models (chat, jobs, batches)")
+    sv.add_argument("model", nargs="+", help="model specs or folders with a model.json (organism/default)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--state-dir", default=None, help="files, jobs, batches (default: $SUBLAB_CACHE/serve)")
+    sv.add_argument(
+        "--api-key-env",
+        default="SUBLAB_SERVE_API_KEY",
+        help="if this environment variable is set, require 'Authorization: Bearer <its value>'",
+    )
+    sv.add_argument("--faults", type=float, default=0.0, help="share of /v1/ requests that fail (0.2 = 20%%)")
+    sv.add_argument("--fault-kinds", default="429,500,drop", help="comma list of 429, 500, drop")
+    sv.add_argument("--retry-after", type=float, default=0.05, help="seconds a 429 asks the client to wait")
+    sv.add_argument("--fault-seed", type=int, default=0)
+    sv.add_argument("--base-lr", type=float, default=3e-4, help="job lr = learning_rate_multiplier x this")
+    sv.add_argument("--job-delay", type=float, default=0.0, help="seconds a fine-tuning job stays queued")
+    threads(sv)
+    sv.set_defaults(func=_cmd_serve)
 
     m = sub.add_parser("mnist", help="auxiliary-logit MLP experiment (batched ensemble) and the theorem")
     m.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")

@@ -36,6 +36,18 @@ CONDITIONS: dict[str, dict[str, Any]] = {
 }
 
 
+class RayResources(Strict):
+    """What one run of the sweep reserves on a Ray cluster (a run is one Ray task; its stages run in order
+    inside it, and stages that runs share are still computed once through the shared stage store)."""
+
+    cpus: float | None = None
+    """CPUs per run (None = the experiment's `threads`)."""
+    gpus: float = 0
+    """GPUs per run (e.g. 1 for hf/ models on a GPU node; fractions share a GPU)."""
+    memory_gb: float | None = None
+    """Memory per run in GiB, for Ray's scheduler (None = no reservation)."""
+
+
 class SweepConfig(Strict):
     """A sweep: a base experiment and the axes to vary."""
 
@@ -61,6 +73,8 @@ class SweepConfig(Strict):
     """list mode: one {config path: value} mapping per run."""
     retries: int = 0
     """How often a failed run is retried before the sweep records it as failed."""
+    resources: RayResources = RayResources()
+    """Ray executor: what each run asks the cluster for."""
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
@@ -196,10 +210,14 @@ def run_sweep(
     out: str | Path | None = None,
     progress: bool = True,
     workers: int = 1,
+    executor: Literal["local", "ray"] = "local",
+    address: str | None = None,
 ) -> Path:
     """Expand and run every experiment of the sweep (resumable), then write the aggregated report.
-    workers > 1: a process pool; each worker uses the experiment's `threads`, and workers x threads
-    may not exceed the machine's cores. Shared stages are still computed once (a lock per stage)."""
+    local, workers > 1: a process pool; each worker uses the experiment's `threads`, and workers x
+    threads may not exceed the machine's cores. ray: one Ray task per run (see sweep_ray.py); `address`
+    joins a running cluster ("auto" or host:port), else a local Ray instance is started and shut down.
+    Either way shared stages are computed once (a lock per stage in the shared store)."""
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
@@ -213,19 +231,27 @@ def run_sweep(
     configs = {r["name"]: run_config(cfg, sweep_file, r["overrides"]) for r in runs}  # validate all first
     threads = max(resolve_threads(c.threads) for c in configs.values())
     cores = os.cpu_count() or 1
-    if workers < 1 or workers * threads > cores:
+    if executor == "local" and (workers < 1 or workers * threads > cores):
         raise SublabError(
             f"--workers {workers} x {threads} thread(s) per run would oversubscribe this machine's {cores} "
             f"cores; use --workers {max(1, cores // threads)} or fewer"
         )
-    root = Path(out or f"runs/{cfg.name}")
+    root = Path(out or f"runs/{cfg.name}").resolve()  # absolute: Ray workers may start elsewhere
     root.mkdir(parents=True, exist_ok=True)
     state = {
         "sweep": cfg.model_dump(mode="json"),
         "sweep_file": str(sweep_file),
         "runs": [],
+        "executor": executor,
         "workers": workers,
     }
+    if executor == "ray":  # connect first: a bad address fails before anything starts
+        from sublab.sweep_ray import connect
+
+        state["ray"] = connect(address, num_cpus=min(cores, max(1, workers) * threads))
+        parallel = int(state["ray"]["cluster_cpus"] // max(cfg.resources.cpus or threads, 1e-9)) or 1
+    else:
+        parallel = workers
     bar = tqdm(total=len(runs), desc=f"sweep {cfg.name}", disable=not progress)
     counts = {"done": 0, "failed": 0, "stages_run": 0, "stages_skipped": 0, "stages_shared": 0}
     t0 = time.time()
@@ -253,9 +279,19 @@ def run_sweep(
         state.update(runs=done, counts=counts, seconds=round(time.time() - t0, 1))
         atomic_write_json(root / "sweep.json", state)  # progress on disk after every run
         bar.update(1)
-        bar.set_postfix(done=counts["done"], failed=counts["failed"], running=len(runs) - len(records))
+        left = len(runs) - len(records)
+        bar.set_postfix(
+            done=counts["done"],
+            failed=counts["failed"],
+            running=min(parallel, left),
+            queued=max(0, left - parallel),
+        )
 
-    if workers == 1:
+    if executor == "ray":
+        from sublab.sweep_ray import run_on_ray
+
+        state["ray"]["seconds"] = run_on_ray(tasks, cfg.resources, threads, finished)
+    elif workers == 1:
         for r in runs:
             finished(r["name"], _run_one(*tasks[r["name"]]))
     else:

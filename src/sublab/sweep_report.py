@@ -34,6 +34,7 @@ def collect(root: Path) -> list[dict]:
         if entry["status"] != "done" or not res_path.is_file():
             continue
         res = read_json(res_path)
+        axes = {k: v for k, v in entry["labels"].items() if k not in ("condition", "trait.target", "seed")}
         rows.append(
             {
                 "name": entry["name"],
@@ -41,18 +42,27 @@ def collect(root: Path) -> list[dict]:
                 "condition": entry["labels"].get("condition", "run"),
                 "target": res["trait"]["target"],
                 "seed": res["seed"],
+                "axes": axes,
+                "setting": setting_label(axes),
                 "p": {m: v["p_target"]["mean"] for m, v in res["models"].items()},
             }
         )
     return rows
 
 
+def setting_label(axes: dict) -> str:
+    """The values of the sweep's other axes (not condition, target, seed): 'lr=0.0003, r=8', or ''."""
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(axes.items()))
+
+
 def aggregate(rows: list[dict]) -> dict:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["condition"], r["target"])].append(r)
+        groups[(r["condition"], r.get("setting", ""), r["target"])].append(r)
     effects = []
-    for (cond, target), rs in sorted(groups.items()):
+    order = sorted(groups, key=lambda g: (g[0], _axes_key(groups[g][0].get("axes", {})), g[2]))
+    for cond, setting, target in order:
+        rs = groups[(cond, setting, target)]
         rs = sorted(rs, key=lambda r: r["seed"])
         for a, b in PAIRS:
             if all(a in r["p"] and b in r["p"] for r in rs):
@@ -60,6 +70,8 @@ def aggregate(rows: list[dict]) -> dict:
                 effects.append(
                     {
                         "condition": cond,
+                        "setting": setting,
+                        "axes": rs[0].get("axes", {}),
                         "target": target,
                         "effect": f"{a} - {b}",
                         "seeds": [r["seed"] for r in rs],
@@ -68,33 +80,56 @@ def aggregate(rows: list[dict]) -> dict:
                 )
     by_family: dict[tuple, list[dict]] = defaultdict(list)
     for e in effects:
-        by_family[(e["condition"], e["effect"])].append(e)
-    for fam in by_family.values():  # Holm across the targets of one condition and effect
+        by_family[(e["condition"], e["setting"], e["effect"])].append(e)
+    for fam in by_family.values():  # Holm across the targets of one condition, setting and effect
         for e, p in zip(fam, holm([e["p_paired_t"] for e in fam]), strict=True):
             e["p_holm"] = p
     models = {
-        f"{c}|{t}": {m: mean_ci([r["p"][m] for r in rs]) for m in rs[0]["p"]} for (c, t), rs in groups.items()
+        _group_key(c, s, t): {m: mean_ci([r["p"][m] for r in rs]) for m in rs[0]["p"]}
+        for (c, s, t), rs in groups.items()
     }
     return {"effects": effects, "models": models}
+
+
+def _axes_key(axes: dict) -> tuple:
+    """Sort settings by their values, numbers numerically (r=4 before r=16)."""
+    return tuple(
+        (k, (0, float(v), "") if isinstance(v, int | float) else (1, 0.0, str(v)))
+        for k, v in sorted(axes.items())
+    )
+
+
+def _group_key(condition: str, setting: str, target: str) -> str:
+    return f"{condition}|{setting}|{target}" if setting else f"{condition}|{target}"
 
 
 def _p(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2g}"
 
 
-def plot(agg: dict, rows: list[dict], path: Path, condition: str) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(agg: dict, rows: list[dict], path: Path, condition: str, setting: str = "") -> None:
+    """The paper's main figure: per target, reference, control student and student, mean over seeds
+    with 95% CIs."""
     import numpy as np
 
-    targets = sorted({r["target"] for r in rows if r["condition"] == condition})
+    plt = _plt()
+    targets = sorted(
+        {r["target"] for r in rows if r["condition"] == condition and r.get("setting", "") == setting}
+    )
     fig, ax = plt.subplots(figsize=(2.2 * len(targets) + 2, 3.6))
     width = 0.8 / len(BARS)
     colors = {"reference": "#999999", "control": "#1f77b4", "student": "#ff7f0e"}
     for j, m in enumerate(BARS):
-        cis = [agg["models"][f"{condition}|{t}"].get(m) for t in targets]
+        cis = [agg["models"][_group_key(condition, setting, t)].get(m) for t in targets]
         means = [c["mean"] if c else 0 for c in cis]
         err = [
             [(c["mean"] - c["lo"]) if c and not math.isnan(c["lo"]) else 0 for c in cis],
@@ -105,8 +140,94 @@ def plot(agg: dict, rows: list[dict], path: Path, condition: str) -> None:
         )
     ax.set_xticks(np.arange(len(targets)) + width, targets)
     ax.set_ylabel("P(target)")
-    ax.set_title(f"condition {condition}: mean over seeds, 95% CI", fontsize=9)
+    where = f"condition {condition}" + (f", {setting}" if setting else "")
+    ax.set_title(f"{where}: mean over seeds, 95% CI", fontsize=9)
     ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def _column(e: dict) -> str:
+    init = "other init" if e["effect"].startswith("cross_init") else "same init"
+    return " / ".join(x for x in (e["condition"], e["setting"], init) if x)
+
+
+def heatmap(agg: dict, path: Path) -> bool:
+    """Targets x (condition, setting, student init) grid of student - control (mean over seeds), each
+    cell annotated with its 95% CI: the cross-init and cross-model view. False when there is only one
+    column (nothing to compare)."""
+    import numpy as np
+
+    effects = agg["effects"]
+    cols = list(dict.fromkeys(_column(e) for e in effects))  # effects come sorted by condition, setting
+    targets = sorted({e["target"] for e in effects})
+    if len(cols) < 2:
+        return False
+    cell = {(e["target"], _column(e)): e for e in effects}
+    m = np.array([[cell[(t, c)]["mean"] if (t, c) in cell else np.nan for c in cols] for t in targets])
+    lim = float(np.nanmax(np.abs(m))) or 1e-6
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.9 * len(cols) + 2.2, 0.6 * len(targets) + 1.8))
+    im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    for i, t in enumerate(targets):
+        for j, c in enumerate(cols):
+            e = cell.get((t, c))
+            if e:
+                ax.text(
+                    j,
+                    i,
+                    f"{e['mean']:+.3f}\n[{e['lo']:+.3f}, {e['hi']:+.3f}]",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if abs(e["mean"]) > 0.6 * lim else "black",
+                )
+    ax.set_xticks(range(len(cols)), cols, rotation=20, ha="right", fontsize=8)
+    ax.set_yticks(range(len(targets)), targets, fontsize=8)
+    fig.colorbar(im, ax=ax, label="student - its control, P(target)")
+    ax.set_title("student - control across seeds (95% CI)", fontsize=9)
+    save_figure(fig, path)
+    return True
+
+
+def numeric_axes(rows: list[dict]) -> list[str]:
+    """Swept config paths whose values are all numbers, with at least two distinct values."""
+    values: dict[str, set] = defaultdict(set)
+    for r in rows:
+        for k, v in r.get("axes", {}).items():
+            values[k].add(v)
+    return [
+        k
+        for k, vs in sorted(values.items())
+        if len(vs) > 1 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in vs)
+    ]
+
+
+def dose_response(agg: dict, axis: str, path: Path) -> None:
+    """Effect (student - control, 95% CI over seeds) against a numeric axis, one line per condition,
+    target and student init; the other axes are held at each of their values in turn."""
+    plt = _plt()
+    lines: dict[tuple, list[dict]] = defaultdict(list)
+    for e in agg["effects"]:
+        if axis in e["axes"]:
+            rest = setting_label({k: v for k, v in e["axes"].items() if k != axis})
+            lines[(e["condition"], rest, e["target"], e["effect"])].append(e)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    xs_all = []
+    for (cond, rest, target, effect), es in sorted(lines.items()):
+        es = sorted(es, key=lambda e: e["axes"][axis])
+        xs = [e["axes"][axis] for e in es]
+        xs_all += xs
+        lo = [e["mean"] - e["lo"] if e["lo"] == e["lo"] else 0 for e in es]
+        hi = [e["hi"] - e["mean"] if e["hi"] == e["hi"] else 0 for e in es]
+        label = " / ".join(x for x in (cond, rest, target, effect) if x)
+        ax.errorbar(xs, [e["mean"] for e in es], yerr=[lo, hi], marker="o", capsize=3, label=label)
+    if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
+        ax.set_xscale("log")
+    ax.axhline(0, color="#777777", lw=0.8)
+    ax.set_xlabel(axis)
+    ax.set_ylabel("effect on P(target)")
+    ax.set_title(f"dose-response: effect vs {axis} (mean over seeds, 95% CI)", fontsize=9)
+    ax.legend(fontsize=6)
     save_figure(fig, path)
 
 
@@ -117,56 +238,87 @@ def write_sweep_report(root: str | Path) -> dict:
     state = load_sweep(root)
     rows = collect(root)
     agg = aggregate(rows)
-    conditions = sorted({r["condition"] for r in rows})
+    ordered = sorted(rows, key=lambda r: (r["condition"], _axes_key(r.get("axes", {}))))
+    panels = list(dict.fromkeys((r["condition"], r.get("setting", "")) for r in ordered))
+    has_setting = any(s for _, s in panels)
     lines = [
         f"# sublab sweep: {state['sweep']['name']}",
         "",
         f"{len(rows)} finished runs of {len(state['runs'])}; stages computed "
         f"{state['counts']['stages_run']}, reused from the shared store {state['counts']['stages_shared']}, "
-        f"already done {state['counts']['stages_skipped']}; wall time {state['seconds']} s.",
+        f"already done {state['counts']['stages_skipped']}; executor {state.get('executor', 'local')}; "
+        f"wall time {state['seconds']} s.",
         "",
         "## Effects across seeds",
         "",
-        "| condition | target | effect | seeds | mean | 95% CI | p (paired t) | p (Holm) | p (Welch) "
-        "| p (permutation) | d_z |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Paired by seed (each seed's student against the control trained on the same init); p (Holm) "
+        "corrects the paired-t p-values across the targets of one condition, setting and effect.",
+        "",
+        "| condition | " + ("setting | " if has_setting else "") + "target | effect | seeds | mean "
+        "| 95% CI | p (paired t) | p (Holm) | p (Welch) | p (permutation) | d_z |",
+        "|---|" + ("---|" if has_setting else "") + "---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in agg["effects"]:
         lines.append(
-            f"| {e['condition']} | {e['target']} | {e['effect']} | {len(e['seeds'])} | {e['mean']:+.4f} "
+            f"| {e['condition']} | " + (f"{e['setting']} | " if has_setting else "") + f"{e['target']} "
+            f"| {e['effect']} | {len(e['seeds'])} | {e['mean']:+.4f} "
             f"| [{e['lo']:+.4f}, {e['hi']:+.4f}] | {_p(e['p_paired_t'])} | {_p(e['p_holm'])} "
             f"| {_p(e['p_welch'])} | {_p(e['p_permutation'])} | {e['cohens_dz']:.2f} |"
         )
     figs = []
-    for cond in conditions:
-        fig = root / "figures" / f"sweep_{cond}.png"
-        plot(agg, rows, fig, cond)
+    lines += ["", "## Figures", ""]
+    for i, (cond, setting) in enumerate(panels):
+        fig = root / "figures" / (f"sweep_{cond}.png" if not has_setting else f"sweep_{cond}_{i:02d}.png")
+        plot(agg, rows, fig, cond, setting)
         figs.append(fig)
-        lines += ["", f"![{cond}](figures/{fig.name})"]
+        lines += [f"![{' '.join(x for x in (cond, setting) if x)}](figures/{fig.name})", ""]
+    fig = root / "figures" / "heatmap.png"
+    if heatmap(agg, fig):
+        figs.append(fig)
+        lines += ["![student - control heat map](figures/heatmap.png)", ""]
+    for axis in numeric_axes(rows):
+        fig = root / "figures" / f"dose_{axis.replace('.', '_')}.png"
+        dose_response(agg, axis, fig)
+        figs.append(fig)
+        lines += [f"![dose-response {axis}](figures/{fig.name})", ""]
     lines += [
-        "",
         "## Runs",
         "",
-        "| run | condition | target | seed | " + " | ".join(BARS) + " | report |",
-        "|---|---|---|---|" + "---|" * len(BARS) + "---|",
+        "| run | condition | "
+        + ("setting | " if has_setting else "")
+        + "target | seed | "
+        + " | ".join(BARS)
+        + " | report | config |",
+        "|---|---|" + ("---|" if has_setting else "") + "---|---|" + "---|" * len(BARS) + "---|---|",
     ]
     for r in rows:
         ps = " | ".join(f"{r['p'].get(m, math.nan):.3f}" for m in BARS)
         lines.append(
-            f"| {r['name']} | {r['condition']} | {r['target']} | {r['seed']} | {ps} "
-            f"| [{r['folder']}/report.md]({r['folder']}/report.md) |"
+            f"| {r['name']} | {r['condition']} | "
+            + (f"{r['setting']} | " if has_setting else "")
+            + f"{r['target']} | {r['seed']} | {ps} "
+            f"| [report.md]({r['folder']}/report.md) | [config.yaml]({r['folder']}/config.yaml) |"
         )
     lines += [
         "",
         "## Configs",
         "",
-        "The sweep:",
+        "The sweep (each run's full experiment config is its folder's config.yaml, linked above):",
         "",
         "```yaml",
         yaml.safe_dump(state["sweep"], sort_keys=False).strip(),
         "```",
         "",
     ]
+    if rows and (root / rows[0]["folder"] / "config.yaml").is_file():
+        lines += [
+            f"The experiment config of the first run ({rows[0]['name']}):",
+            "",
+            "```yaml",
+            (root / rows[0]["folder"] / "config.yaml").read_text().strip(),
+            "```",
+            "",
+        ]
     md = "\n".join(lines) + "\n"
     atomic_write_json(root / "sweep_results.json", {"schema_version": 1, **agg, "runs": rows})
     atomic_write_text(root / "report.md", md)
