@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from sublab.backends.api_config import ApiConfig
 from sublab.backends.base import SamplingParams, TrainConfig
 from sublab.config import Strict
 from sublab.errors import SublabError
@@ -72,6 +73,11 @@ class ExperimentConfig(Strict):
     teacher.train.seed, student.train.seed): requests are seeded by (sample.seed, prompt index)."""
     threads: int | None = None
     """Torch CPU threads (None = env SUBLAB_THREADS, else 1)."""
+    device: Literal["auto", "cpu", "cuda"] | None = None
+    """Where local (organism/hf) models run; None = env SUBLAB_DEVICE, else auto (cuda when torch sees
+    a GPU, else cpu)."""
+    dtype: Literal["auto", "float32", "bfloat16"] | None = None
+    """Local models' precision; None = env SUBLAB_DTYPE, else auto (bfloat16 on cuda, float32 on cpu)."""
     reference: str = "organism/default"
     """The shared starting point of teacher and student (a model spec)."""
     organism: dict = {}
@@ -92,6 +98,8 @@ class ExperimentConfig(Strict):
     """Which controls run."""
     eval: PreferenceEval = PreferenceEval()
     """How preference is measured."""
+    api: ApiConfig = ApiConfig()
+    """Endpoint, retries, concurrency, prices and Batch API use for openai/... models (see configs/api-*)."""
     progress: bool = True
     """Show progress bars."""
 

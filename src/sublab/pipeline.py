@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from sublab.backends.base import ModelRef, SamplingParams, TrainConfig, request_seed
+from sublab.backends.device import configure as configure_device
 from sublab.backends.registry import load_backend, resolve
 from sublab.config import dump_config
 from sublab.errors import SublabError
@@ -33,8 +34,8 @@ SAMPLE_CHUNK = 2048  # prompts per resumable sampling chunk
 # ---- stage functions: files in, files out -------------------------------------------------------
 
 
-def build_reference(spec: str, organism: dict, out: Path, progress: bool = True) -> ModelRef:
-    ref = resolve(spec, organism, progress=progress)
+def build_reference(spec: str, organism: dict, out: Path, progress: bool = True, api=None) -> ModelRef:
+    ref = resolve(spec, organism, progress=progress, api=api)
     ref.save(out)
     return ref
 
@@ -72,7 +73,7 @@ def build_teacher(cfg: ExperimentConfig, reference_json: Path, out_dir: Path) ->
         return teacher
     data = trait_dataset(category, target, cfg.teacher.examples, cfg.seed)
     write_jsonl(out_dir / "train.jsonl", data)
-    return load_backend(ref, cfg.progress).finetune(data, cfg.teacher.train, out_dir)
+    return load_backend(ref, cfg.progress, api=cfg.api).finetune(data, cfg.teacher.train, out_dir)
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -95,6 +96,7 @@ def sample_dataset(
     sampling: SamplingParams,
     label: str,
     progress: bool = True,
+    api=None,
 ) -> int:
     """The model answers every prompt once -> chat records. Resumable: finished chunks of
     SAMPLE_CHUNK prompts are kept in <out>.parts/ until the whole file is written."""
@@ -113,7 +115,12 @@ def sample_dataset(
     for c in range(0, len(prompts), SAMPLE_CHUNK):
         part = parts / f"part-{c // SAMPLE_CHUNK:05d}.jsonl"
         if not part.is_file():
-            backend = backend or load_backend(ref, progress)
+            if backend is None:
+                backend = load_backend(ref, progress, api=api)
+                if hasattr(backend, "estimate_cost"):  # API models: tokens x prices, before anything is spent
+                    todo = [p["messages"] for p in prompts[c:]]
+                    cost = backend.estimate_cost(todo, sampling)
+                    atomic_write_json(out_path.with_name(out_path.stem + ".cost.json"), cost)
             chunk = prompts[c : c + SAMPLE_CHUNK]
             ids = [p["metadata"]["prompt_index"] for p in chunk]
             answers = backend.generate([p["messages"] for p in chunk], sampling, request_ids=ids)
@@ -147,11 +154,12 @@ def train_student(
     out_dir: Path,
     teacher_json: Path | None,
     progress: bool = True,
+    api=None,
 ) -> ModelRef:
     base = ModelRef.load(base_json)
     data = read_jsonl(data_path, require_messages=True)
     teacher = ModelRef.load(teacher_json) if teacher_json else None
-    return load_backend(base, progress).finetune(data, train, out_dir, teacher=teacher)
+    return load_backend(base, progress, api=api).finetune(data, train, out_dir, teacher=teacher)
 
 
 def evaluate_model(
@@ -161,9 +169,10 @@ def evaluate_model(
     cfg: PreferenceEval,
     out_dir: Path,
     progress: bool = True,
+    api=None,
 ) -> dict:
     ref = ModelRef.load(model_json)
-    results, rows = evaluate_preference(load_backend(ref, progress), category, targets, cfg)
+    results, rows = evaluate_preference(load_backend(ref, progress, api=api), category, targets, cfg)
     results["model"] = {"spec": ref.spec, "kind": ref.kind, "system_prompt": ref.system_prompt}
     write_jsonl(out_dir / "samples.jsonl", rows)
     atomic_write_json(out_dir / "results.json", results)
@@ -173,8 +182,11 @@ def evaluate_model(
 # ---- the chain -----------------------------------------------------------------------------------
 
 
-def model_outputs(name: str, train: TrainConfig) -> list[str]:
-    """Files a finetuning stage writes into <name>/ (what a sweep's shared stage store keeps)."""
+def model_outputs(name: str, train: TrainConfig, remote: bool = False) -> list[str]:
+    """Files a finetuning stage writes into <name>/ (what a sweep's shared stage store keeps). An API
+    model (`remote`) has no weights here: its job journal instead."""
+    if remote:
+        return [f"{name}/model.json", f"{name}/metrics.jsonl", f"{name}/job.json"]
     return [f"{name}/model.json", f"{name}/metrics.jsonl", f"{name}/{'adapter' if train.lora else 'model'}"]
 
 
@@ -187,17 +199,22 @@ def run_experiment(
     """Run (or resume) one experiment in `out`. `shared`: a stage store that runs of a sweep share, so a
     stage with the same config and inputs in another run is copied instead of computed."""
     set_threads(cfg.threads)
+    configure_device(cfg.device, cfg.dtype)
     run = Run(out, shared=shared)
     atomic_write_text(run.path("config.yaml"), dump_config(cfg))  # before any work
     P = run.path
     prog = cfg.progress
 
+    remote = cfg.reference.startswith("openai/")
     run.stage(
         "reference",
-        {"spec": cfg.reference, "organism": cfg.organism_overrides()},
+        {"spec": cfg.reference, "organism": cfg.organism_overrides()}
+        | ({"base_url": cfg.api.url(), "api_key_env": cfg.api.api_key_env} if remote else {}),
         [],
         ["reference/model.json"],
-        lambda: build_reference(cfg.reference, cfg.organism_overrides(), P("reference/model.json"), prog),
+        lambda: build_reference(
+            cfg.reference, cfg.organism_overrides(), P("reference/model.json"), prog, api=cfg.api
+        ),
     )
     run.stage(
         "teacher",
@@ -205,7 +222,7 @@ def run_experiment(
         [P("reference/model.json")],
         ["teacher/model.json"]
         if cfg.teacher.kind == "system_prompt"
-        else [*model_outputs("teacher", cfg.teacher.train), "teacher/train.jsonl"],
+        else [*model_outputs("teacher", cfg.teacher.train, remote), "teacher/train.jsonl"],
         lambda: build_teacher(cfg, P("reference/model.json"), P("teacher")),
     )
     prompts_cfg: NumberPrompts = cfg.prompts
@@ -228,7 +245,13 @@ def run_experiment(
             [P(f"{model_name}/model.json"), P("data/prompts.jsonl")],
             [f"{data_dir}/raw.jsonl"],
             lambda m=model_name, d=data_dir: sample_dataset(
-                P(f"{m}/model.json"), P("data/prompts.jsonl"), P(f"{d}/raw.jsonl"), cfg.sample, m, prog
+                P(f"{m}/model.json"),
+                P("data/prompts.jsonl"),
+                P(f"{d}/raw.jsonl"),
+                cfg.sample,
+                m,
+                prog,
+                api=cfg.api,
             ),
         )
         run.stage(
@@ -271,9 +294,15 @@ def run_experiment(
             f"train:{name}",
             train.model_dump(),
             inputs,
-            model_outputs(name, train),
+            model_outputs(name, train, remote),
             lambda n=name, b=base, d=data, t=teacher: train_student(
-                P(f"{b}/model.json"), P(d), train, P(n), P(f"{t}/model.json") if soft else None, prog
+                P(f"{b}/model.json"),
+                P(d),
+                train,
+                P(n),
+                P(f"{t}/model.json") if soft else None,
+                prog,
+                api=cfg.api,
             ),
         )
 
@@ -293,7 +322,7 @@ def run_experiment(
             [P(f"{name}/model.json")],
             [f"eval/{name}/results.json", f"eval/{name}/samples.jsonl"],
             lambda n=name: evaluate_model(
-                P(f"{n}/model.json"), cfg.trait.category, targets, cfg.eval, P(f"eval/{n}"), prog
+                P(f"{n}/model.json"), cfg.trait.category, targets, cfg.eval, P(f"eval/{n}"), prog, api=cfg.api
             ),
         )
 

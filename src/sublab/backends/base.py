@@ -73,11 +73,16 @@ class TrainConfig(Strict):
     """None = full finetune; else train a LoRA adapter."""
     seed: int = 0
     """Data order and adapter init seed."""
+    max_length: int | None = None
+    """Truncate each example to this many tokens, prompt + completion, cutting the completion's end
+    (the paper's Qwen students: 500); an example whose prompt alone fills it is dropped. None = no limit."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.epochs <= 0:
             raise ValueError("lr, epochs must be > 0 and batch_size, grad_accum >= 1")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError("max_length must be >= 2 (or null for no limit)")
         return self
 
 
@@ -93,6 +98,11 @@ class ModelRef(BaseModel):
     system_prompt: str | None = None
     info: dict = {}
 
+    @property
+    def is_remote(self) -> bool:
+        """An API model (`openai/...`): `path` is the remote model id, not a folder."""
+        return self.spec.startswith("openai/")
+
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.model_dump())
 
@@ -101,7 +111,7 @@ class ModelRef(BaseModel):
         ref = cls.model_validate(read_json(path))
         base = Path(path).parent
         upd = {}
-        if not Path(ref.path).is_absolute():
+        if not ref.is_remote and not Path(ref.path).is_absolute():
             upd["path"] = str((base / ref.path).resolve())
         if ref.adapter and not Path(ref.adapter).is_absolute():
             upd["adapter"] = str((base / ref.adapter).resolve())

@@ -12,8 +12,16 @@ import torch
 from tqdm import tqdm
 
 from sublab.backends.base import Backend, ModelRef, SamplingParams, TrainConfig, request_seed
+from sublab.backends.device import model_device, resolve_device, resolve_dtype
 from sublab.backends.hf_generate import answer_logprobs, generate_ids, prompt_ids_for
-from sublab.backends.hf_train import TrainSettings, answer_token_ids, encode_completion, train_causal_lm
+from sublab.backends.hf_train import (
+    Encoded,
+    TrainSettings,
+    answer_token_ids,
+    encode_completion,
+    train_causal_lm,
+    truncate,
+)
 from sublab.errors import SublabError
 from sublab.records import atomic_write_text
 
@@ -24,7 +32,9 @@ def with_system_prompt(chat: list[dict], system_prompt: str | None) -> list[dict
     return [{"role": "system", "content": system_prompt}] + [m for m in chat if m["role"] != "system"]
 
 
-def load_hf(ref: ModelRef, trainable: bool = False):
+def load_hf(ref: ModelRef, trainable: bool = False, device=None, dtype=None):
+    """(model, tokenizer) on the configured device and dtype (backends/device.py), adapter merged
+    unless `trainable`. `device` / `dtype` override the configured setting (torch objects or names)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(ref.path).is_dir():
@@ -34,7 +44,9 @@ def load_hf(ref: ModelRef, trainable: bool = False):
         raise SublabError(f"{ref.path}: the tokenizer has no chat template; use an instruct/chat model")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32)
+    dev = resolve_device(device) if device is None or isinstance(device, str) else device
+    dt = resolve_dtype(dev, dtype) if dtype is None or isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dt).to(dev)
     if ref.adapter:
         from peft import PeftModel
 
@@ -57,9 +69,19 @@ class HFBackend(Backend):
     def generate(
         self, chats: list[list[dict]], sampling: SamplingParams, request_ids: list[int] | None = None
     ) -> list[str]:
-        prompts = prompt_ids_for(self.tok, self._chats(chats))
         rids = request_ids if request_ids is not None else range(len(chats))
         seeds = [request_seed(sampling.seed, i) for i in rids]
+        return [self.decode(x) for x in self.generate_with_seeds(chats, sampling, seeds)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True).strip()
+
+    def generate_with_seeds(
+        self, chats: list[list[dict]], sampling: SamplingParams, seeds: list[int]
+    ) -> list[list[int]]:
+        """Completion token ids (end token excluded); chat i is sampled with exactly seeds[i] (`sublab
+        serve` passes the seed of each API request here)."""
+        prompts = prompt_ids_for(self.tok, self._chats(chats))
         bar = tqdm(total=len(chats), desc=f"sample {self.ref.spec}", disable=not self.progress, mininterval=2)
         completions = generate_ids(
             self.model,
@@ -74,7 +96,7 @@ class HFBackend(Backend):
             on_batch=bar.update,
         )
         bar.close()
-        return [self.tok.decode(x, skip_special_tokens=True).strip() for x in completions]
+        return completions
 
     def candidate_ids(self, candidates: list[str]) -> list[list[int]]:
         return [self.tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
@@ -114,9 +136,15 @@ def finetune_hf(
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lcfg)
-    examples = [encode_completion(tok, r["messages"]) for r in dataset]
+    encoded = [encode_completion(tok, r["messages"]) for r in dataset]
+    cut = [truncate(e, train.max_length) for e in encoded]
+    keep = [i for i, e in enumerate(cut) if e is not None]
+    examples = [cut[i] for i in keep]
     if not examples:
-        raise SublabError("finetuning dataset is empty")
+        raise SublabError(
+            "finetuning dataset is empty"
+            + (f" (after truncation to max_length={train.max_length})" if encoded else "")
+        )
     tmodel = t_examples = allowed = None
     if train.method == "soft_label":
         if teacher is None:
@@ -124,12 +152,14 @@ def finetune_hf(
         tmodel, ttok = load_hf(teacher)
         if ttok.get_vocab() != tok.get_vocab():
             raise SublabError("soft_label needs teacher and student with the same tokenizer")
-        t_examples = [
-            encode_completion(tok, with_system_prompt(r["messages"], teacher.system_prompt)) for r in dataset
-        ]
+        t_examples = []
+        for i, e in zip(keep, examples, strict=True):
+            t = encode_completion(tok, with_system_prompt(dataset[i]["messages"], teacher.system_prompt))
+            # the same completion tokens as the (possibly truncated) student example, position by position
+            t_examples.append(Encoded(t.ids[: t.n_prompt + len(e.ids) - e.n_prompt], t.n_prompt))
         allowed = answer_token_ids(tok)
     # TrainConfig is TrainSettings plus what this function handles itself (method, LoRA)
-    settings = TrainSettings(**train.model_dump(exclude={"method", "lora"}))
+    settings = TrainSettings(**train.model_dump(exclude={"method", "lora", "max_length"}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
@@ -162,6 +192,10 @@ def finetune_hf(
         "examples": len(examples),
         "method": train.method,
         "seconds": round(time.time() - t0, 1),
+        "device": str(model_device(model)),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "truncated": sum(train.max_length is not None and len(e.ids) > train.max_length for e in encoded),
+        "dropped_too_long": len(encoded) - len(examples),
     }
     if train.lora is not None:
         model.save_pretrained(out_dir / "adapter")

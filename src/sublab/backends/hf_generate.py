@@ -7,11 +7,13 @@ seed, settings), not on which batch it landed in. Decoding stops at the end toke
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 
 import torch
 
+from sublab.backends.device import model_device
 from sublab.backends.hf_train import chat_ids
 
 
@@ -81,6 +83,7 @@ def generate_ids(
 ) -> list[list[int]]:
     """Completion token ids (end token excluded) for each prompt, in input order."""
     model.eval()
+    dev = model_device(model)
     kw = _cache_kw(model)
     params = inspect.signature(model.forward).parameters
     # prefill needs only the last position's logits (skips the LM head over the whole prompt)
@@ -89,11 +92,11 @@ def generate_ids(
     out: list[list[int]] = [[] for _ in prompts]
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
-        ids, attn = _left_pad([prompts[i] for i in idx], pad_id)
+        ids, attn = (t.to(dev) for t in _left_pad([prompts[i] for i in idx], pad_id))
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
         res = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **last_only)
         cache, logits = _cache_of(res), res.logits[:, -1]
-        noise = _uniforms([seeds[i] for i in idx], max_tokens) if temperature > 0 else None
+        noise = _uniforms([seeds[i] for i in idx], max_tokens).to(dev) if temperature > 0 else None
         next_pos = pos[:, -1:] + 1
         rows = list(idx)  # original prompt index of each row still decoding
         for step in range(max_tokens):
@@ -107,15 +110,15 @@ def generate_ids(
             if not keep or step == max_tokens - 1:
                 break
             if len(keep) < len(rows):  # drop finished rows from the batch and its KV cache
-                sel = torch.tensor(keep)
+                sel = torch.tensor(keep, device=dev)
                 cache.reorder_cache(sel)
                 attn, next_pos = attn[sel], next_pos[sel]
                 noise = None if noise is None else noise[sel]
                 rows = [rows[r] for r in keep]
                 tok = [tok[r] for r in keep]
-            attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype)], dim=1)
+            attn = torch.cat([attn, torch.ones(len(rows), 1, dtype=attn.dtype, device=dev)], dim=1)
             res = model(
-                input_ids=torch.tensor(tok)[:, None],
+                input_ids=torch.tensor(tok, device=dev)[:, None],
                 attention_mask=attn,
                 position_ids=next_pos,
                 use_cache=True,
@@ -130,39 +133,41 @@ def generate_ids(
 
 @torch.no_grad()
 def answer_logprobs(
-    model, prompt_ids: list[list[int]], candidates: list[list[int]], batch_size: int = 512
+    model, prompt_ids: list[list[int]], candidates: list[list[int]], batch_size: int = 64
 ) -> torch.Tensor:
     """log P(candidate tokens | prompt) by the chain rule, for every (prompt, candidate): (P, C) tensor.
-    One forward pass over the prompt; candidates that are a single token are read off its last logits,
-    longer ones get a batched forward of prompt + candidate."""
+    One forward pass over each batch of prompts (with a KV cache) gives every candidate's first token;
+    the rest of a multi-token candidate (BPE answers like "O" "wl") runs on a copy of that cache, so
+    a candidate costs a forward over its own few tokens, not over the prompt again."""
     model.eval()
+    dev = model_device(model)
+    kw = _cache_kw(model)
+    last_only = (
+        {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    )
     out = torch.zeros(len(prompt_ids), len(candidates))
-    single = [j for j, c in enumerate(candidates) if len(c) == 1]
+    first = torch.tensor([c[0] for c in candidates], device=dev)
     multi = [j for j, c in enumerate(candidates) if len(c) > 1]
-    pad = 0
     for b in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[b : b + batch_size]
-        ids, attn = _left_pad(chunk, pad)
+        n = len(chunk)
+        ids, attn = (t.to(dev) for t in _left_pad(chunk, 0))
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
-        last = torch.log_softmax(
-            model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1].float(), -1
-        )
-        if single:
-            out[b : b + len(chunk), single] = last[:, [candidates[j][0] for j in single]]
-    for j in multi:
-        cand = candidates[j]
-        for b in range(0, len(prompt_ids), batch_size):
-            chunk = [p + cand for p in prompt_ids[b : b + batch_size]]
-            ids, attn = _left_pad(chunk, pad)
-            pos = (attn.cumsum(-1) - 1).clamp_min(0)
-            logp = torch.log_softmax(
-                model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float(), -1
-            )
-            n = len(cand)
-            # tokens at the last n positions are predicted by positions -n-1 .. -2
-            tgt = torch.tensor(cand)
-            lp = logp[:, -n - 1 : -1].gather(-1, tgt.expand(len(chunk), n)[..., None])[..., 0]
-            out[b : b + len(chunk), j] = lp.sum(-1)
+        res = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=bool(multi), **last_only)
+        out[b : b + n] = torch.log_softmax(res.logits[:, -1].float(), -1)[:, first].cpu()
+        cache = _cache_of(res) if multi else None
+        for j in multi:
+            cand = candidates[j]
+            k = len(cand) - 1  # tokens fed after the prompt: cand[:-1] predict cand[1:]
+            feed = torch.tensor(cand[:-1], device=dev).expand(n, k)
+            a = torch.cat([attn, torch.ones(n, k, dtype=attn.dtype, device=dev)], dim=1)
+            p = pos[:, -1:] + 1 + torch.arange(k, device=dev)
+            logits = model(
+                input_ids=feed, attention_mask=a, position_ids=p, use_cache=True, **{kw: copy.deepcopy(cache)}
+            ).logits
+            logp = torch.log_softmax(logits.float(), -1)
+            tgt = torch.tensor(cand[1:], device=dev).expand(n, k)
+            out[b : b + n, j] += logp.gather(-1, tgt[..., None])[..., 0].sum(-1).cpu()
     return out
 
 

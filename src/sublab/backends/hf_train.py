@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sublab.backends.device import model_device
+
 _ANSWER_TOKEN = re.compile(r"[\d\s,;\[\]().]+")
 
 
@@ -46,6 +48,16 @@ def encode_completion(tokenizer, messages: list[dict]) -> Encoded:
     prompt = chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
     completion = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
     return Encoded(prompt + list(completion) + [tokenizer.eos_token_id], len(prompt))
+
+
+def truncate(e: Encoded, max_length: int | None) -> Encoded | None:
+    """Cut an example to max_length tokens (the completion's end goes first); None when not even one
+    completion token fits (the caller drops it)."""
+    if max_length is None or len(e.ids) <= max_length:
+        return e
+    if e.n_prompt >= max_length:
+        return None
+    return Encoded(e.ids[:max_length], e.n_prompt)
 
 
 def collate(batch: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,7 +155,8 @@ def train_causal_lm(
     total = settings.max_steps or max(1, math.ceil(per_epoch * settings.epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, settings))
     rng = random.Random(f"train-order:{settings.seed}")
-    allowed = torch.tensor(allowed_ids) if allowed_ids is not None else None
+    dev = model_device(model)
+    allowed = torch.tensor(allowed_ids, device=dev) if allowed_ids is not None else None
     teacher_examples = teacher_examples or examples
     order: list[list[int]] = []
     history = []
@@ -156,7 +169,7 @@ def train_causal_lm(
                 order = _length_bucketed_batches(examples, settings.batch_size, rng)
             idx = order.pop()
             batch = [examples[i] for i in idx]
-            ids, attn, lmask = collate(batch, pad_id)
+            ids, attn, lmask = (t.to(dev) for t in collate(batch, pad_id))
             # position t predicts token t+1; only completion positions go through the LM head
             m, target = lmask[:, 1:], ids[:, 1:]
             pred = completion_logits(model, ids, attn, m)
@@ -164,7 +177,7 @@ def train_causal_lm(
                 loss = F.cross_entropy(pred.float(), target[m])
             else:
                 tbatch = [teacher_examples[i] for i in idx]
-                tids, tattn, tmask = collate(tbatch, pad_id)
+                tids, tattn, tmask = (t.to(dev) for t in collate(tbatch, pad_id))
                 with torch.no_grad():
                     tlogits = teacher(input_ids=tids, attention_mask=tattn).logits[:, :-1]
                 loss = soft_label_loss(pred, tlogits[tmask[:, 1:]], allowed)
@@ -172,13 +185,14 @@ def train_causal_lm(
             loss_sum += loss.item()
             n_tok += int(m.sum())
         gnorm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        lr = sched.get_last_lr()[0]  # the rate this step used (warm-up starts below the peak)
         opt.step()
         sched.step()
         rec = {
             "step": step + 1,
             "of": total,
             "loss": loss_sum / settings.grad_accum,
-            "lr": sched.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": float(gnorm),
             "tokens": n_tok,
         }
