@@ -48,3 +48,20 @@ def tiny_experiment(**over) -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = v
     return cfg
+
+
+@pytest.fixture()
+def sweep_file(tmp_path):
+    """A tiny sweep (owl, wolf x seed 0, sft) over tiny_experiment(), as files in tmp_path."""
+    import yaml
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_experiment()))
+    sweep = {
+        "name": "t",
+        "base": "base.yaml",
+        "targets": ["owl", "wolf"],
+        "seeds": [0],
+        "conditions": ["sft"],
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    return tmp_path / "sweep.yaml"

@@ -3,8 +3,6 @@
 import json
 
 import pytest
-import yaml
-from conftest import tiny_experiment
 
 from sublab.cli import main
 from sublab.errors import SublabError
@@ -52,21 +50,6 @@ def test_stats_against_scipy():
     assert r["p_welch"] == pytest.approx(st.ttest_ind(s, c, equal_var=False).pvalue)
     assert r["p_permutation"] == pytest.approx(2 / 16)  # exact: all 16 sign patterns, 2 as extreme
     assert holm([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])
-
-
-@pytest.fixture()
-def sweep_file(tmp_path):
-    base = tiny_experiment()
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    sweep = {
-        "name": "t",
-        "base": "base.yaml",
-        "targets": ["owl", "wolf"],
-        "seeds": [0],
-        "conditions": ["sft"],
-    }
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    return tmp_path / "sweep.yaml"
 
 
 def test_shared_stages_run_once_and_resume(tiny_organism, sweep_file, tmp_path, monkeypatch):

@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import tiny_experiment
 
 from sublab.errors import SublabError
 from sublab.records import read_json
@@ -29,20 +27,6 @@ def _can_unshare() -> bool:
         return False
     r = subprocess.run(["unshare", "--net", "ip", "link", "set", "lo", "up"], capture_output=True)
     return r.returncode == 0
-
-
-@pytest.fixture()
-def sweep_file(tmp_path):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_experiment()))
-    sweep = {
-        "name": "t",
-        "base": "base.yaml",
-        "targets": ["owl", "wolf"],
-        "seeds": [0],
-        "conditions": ["sft"],
-    }
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-    return tmp_path / "sweep.yaml"
 
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs unshare --net (root) to keep Ray off the network")
