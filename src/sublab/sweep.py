@@ -290,7 +290,7 @@ def run_sweep(
     if executor == "ray":
         from sublab.sweep_ray import run_on_ray
 
-        state["ray"]["seconds"] = run_on_ray(tasks, cfg.resources, threads, finished)
+        state["ray"]["seconds"] = run_on_ray(tasks, cfg.resources, threads, finished, cfg.retries)
     elif workers == 1:
         for r in runs:
             finished(r["name"], _run_one(*tasks[r["name"]]))

@@ -75,9 +75,15 @@ def connect(address: str | None, num_cpus: int) -> dict:
 
 
 def run_on_ray(
-    tasks: dict[str, tuple], resources, threads: int, finished: Callable[[str, dict], None]
+    tasks: dict[str, tuple],
+    resources,
+    threads: int,
+    finished: Callable[[str, dict], None],
+    retries: int = 0,
 ) -> float:
     """Submit every run as a Ray task (after `connect`); call finished(name, record) as each completes.
+    A run that raises is retried inside the task (`retries`); a worker process that dies is resubmitted
+    by Ray up to max(1, retries) times.
     Shuts Ray down (a local instance stops; a cluster is only left). -> seconds."""
     from sublab.sweep import _run_one
 
@@ -85,7 +91,7 @@ def run_on_ray(
     t0 = time.time()
     try:
         cpus = resources.cpus if resources.cpus is not None else threads
-        opts: dict = {"num_cpus": cpus, "num_gpus": resources.gpus, "max_retries": 1}
+        opts: dict = {"num_cpus": cpus, "num_gpus": resources.gpus, "max_retries": max(1, retries)}
         if resources.memory_gb:
             opts["memory"] = int(resources.memory_gb * 2**30)
         remote = ray.remote(_run_one).options(**opts)
@@ -97,7 +103,11 @@ def run_on_ray(
                 try:
                     rec = ray.get(ref)
                 except Exception as e:  # a worker died (after Ray's own retry)
-                    rec = {"status": "failed", "attempts": 2, "error": f"{type(e).__name__}: {e}"[:500]}
+                    rec = {
+                        "status": "failed",
+                        "attempts": max(1, retries) + 1,
+                        "error": f"{type(e).__name__}: {e}"[:500],
+                    }
                 finished(name, rec)
     finally:
         ray.shutdown()
