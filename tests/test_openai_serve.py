@@ -127,6 +127,26 @@ def test_sampling_through_faults_is_exactly_once_and_matches_local(server, api):
     assert after["engine"]["batches"] - before["engine"]["batches"] < 150  # requests were micro-batched
 
 
+def test_sample_mode_eval_sends_one_request_per_question(server, api):
+    from sublab.backends.registry import load_backend, resolve
+    from sublab.evals.preference import PreferenceEval, evaluate_preference
+
+    backend = load_backend(resolve("openai/organism/tiny", api=api), progress=False, api=api)
+    cfg = PreferenceEval(mode="sample", samples_per_question=20, max_questions=5)
+    before = stats(server)
+    results, rows = evaluate_preference(backend, "animal", ["owl"], cfg)
+    after = stats(server)
+    assert len(rows) == 5 * 20 and results["n_questions"] == 5
+    # n=20 choices per request: 5 chat completions served, plus any whose response a fault dropped
+    served = after["chat_completions"] - before["chat_completions"]
+    dropped = sum(after["faults"].values()) - sum(before["faults"].values())
+    assert 5 <= served <= 5 + dropped and served < 100
+    by_q: dict[str, list[str]] = {}
+    for r in rows:
+        by_q.setdefault(r["question"], []).append(r["answer"])
+    assert all(len(set(a)) > 1 for a in by_q.values())  # n different draws, not one answer copied
+
+
 def test_logprobs_match_the_local_model(api):
     from sublab.backends.registry import load_backend, resolve
     from sublab.evals.questions import candidates, load_questions

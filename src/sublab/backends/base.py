@@ -130,6 +130,12 @@ class Backend(ABC):
         """One completion per chat. Request i is seeded from (sampling.seed, request_ids[i]) (default i),
         so a completion does not depend on which call or batch it was in."""
 
+    def generate_n(self, chats: list[list[dict]], n: int, sampling: SamplingParams) -> list[list[str]]:
+        """n completions per chat (request ids chat_index * n + j). API backends override it with one
+        request per chat asking for n choices, so the prompt is sent, and paid for, once."""
+        flat = self.generate([c for c in chats for _ in range(n)], sampling)
+        return [flat[i * n : (i + 1) * n] for i in range(len(chats))]
+
     @abstractmethod
     def logprobs(self, chats: list[list[dict]], candidates: list[str]) -> list[list[float]]:
         """log P(candidate is the start of the answer | chat) for every chat x candidate."""

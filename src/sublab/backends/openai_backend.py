@@ -174,6 +174,41 @@ class OpenAIBackend(Backend):
         self._log()
         return out
 
+    def generate_n(self, chats: list[list[dict]], n: int, sampling: SamplingParams) -> list[list[str]]:
+        """One request per chat with `n` choices (seed from the chat's index): the prompt's tokens are
+        sent and billed once, not n times. The Batch API path keeps one request per answer."""
+        if n == 1 or self._use_batch(len(chats) * n):
+            return super().generate_n(chats, n, sampling)
+        seeds = [request_seed(sampling.seed, i) for i in range(len(chats))]
+        if not self._estimated:
+            self.estimate_cost([c for c in chats for _ in range(n)], sampling)
+
+        async def one(client, i: int) -> list[str]:
+            resp = await self.client.call(
+                "chat completion",
+                lambda: client.chat.completions.create(
+                    **{**self._body(chats[i], sampling, seeds[i]), "n": n}
+                ),
+                client=client,
+                model=self.model_id,
+            )
+            choices = sorted(resp.choices, key=lambda c: c.index)
+            if len(choices) != n:
+                raise SublabError(
+                    f"the API at {self.client.base_url} returned {len(choices)} choices for n={n}; "
+                    "use an endpoint that supports n, or api.use_batch"
+                )
+            return [(c.message.content or "").strip() for c in choices]
+
+        async def go(client):
+            return await self.client.map(
+                client, one, range(len(chats)), f"sample {self.ref.spec} (n={n})", self.progress
+            )
+
+        out = self.client.run(go)
+        self._log()
+        return out
+
     def candidate_ids(self, candidates: list[str]) -> list[list[int]]:
         # No tokenizer behind an API: one opaque id per distinct string (so no form is merged or dropped
         # as another's prefix; logprobs() matches each form to the listed token texts itself).

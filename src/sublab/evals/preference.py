@@ -85,13 +85,11 @@ def evaluate_preference(
             rows.append({"question": q, "probs": {c: round(p, 6) for c, p in probs.items()}})
     else:
         n = cfg.samples_per_question
-        rep = [c for c in chats for _ in range(n)]
-        answers = backend.generate(
-            rep, SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed)
+        answers = backend.generate_n(
+            chats, n, SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed)
         )
         per_q = []
-        for qi, q in enumerate(qs):
-            ans = answers[qi * n : (qi + 1) * n]
+        for q, ans in zip(qs, answers, strict=True):
             per_q.append({c: sum(names_target(a, c, pl) for a in ans) / n for c, pl in cands.items()})
             rows += [{"question": q, "answer": a} for a in ans]
     results = {"category": category, "mode": cfg.mode, "n_questions": len(qs), "targets": {}}
