@@ -89,3 +89,24 @@ def test_filter_cli_on_malformed_file(tmp_path, capsys):
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_text(tmp_path / "a.json", json.dumps({"x": 1}))
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_every_shipped_config_validates():
+    """configs/ must stay current with the code: every experiment, sweep and mnist config loads."""
+    from pathlib import Path
+
+    from sublab.config import load_config, read_yaml, validate
+    from sublab.experiment import ExperimentConfig
+    from sublab.mnist.config import MnistConfig
+    from sublab.sweep import SweepConfig, expand
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 15
+    for f in files:
+        if f.name.startswith("mnist"):
+            load_config(f, MnistConfig, [])
+        elif f.name.startswith("sweep"):
+            assert expand(validate(SweepConfig, read_yaml(f), str(f)))
+        else:
+            load_config(f, ExperimentConfig, [])
