@@ -14,7 +14,7 @@ import random
 import shutil
 from pathlib import Path
 
-from sublab.backends.base import ModelRef, SamplingParams, TrainConfig, request_seed
+from sublab.backends.base import ModelRef, SamplingParams, TrainConfig, is_remote_spec, request_seed
 from sublab.backends.device import configure as configure_device
 from sublab.backends.registry import load_backend, resolve
 from sublab.config import dump_config
@@ -205,7 +205,7 @@ def run_experiment(
     P = run.path
     prog = cfg.progress
 
-    remote = cfg.reference.startswith("openai/")
+    remote = is_remote_spec(cfg.reference)
     run.stage(
         "reference",
         {"spec": cfg.reference, "organism": cfg.organism_overrides()}

@@ -249,7 +249,7 @@ def run_sweep(
         from sublab.sweep_ray import connect
 
         state["ray"] = connect(address, num_cpus=min(cores, max(1, workers) * threads))
-        parallel = int(state["ray"]["cluster_cpus"] // max(cfg.resources.cpus or threads, 1e-9)) or 1
+        parallel = max(1, int(state["ray"]["cluster_cpus"] // (cfg.resources.cpus or threads)))
     else:
         parallel = workers
     bar = tqdm(total=len(runs), desc=f"sweep {cfg.name}", disable=not progress)

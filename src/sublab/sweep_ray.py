@@ -52,9 +52,8 @@ def connect(address: str | None, num_cpus: int) -> dict:
     """Join the cluster at `address`, or start a local instance with `num_cpus` CPUs."""
     ray = _import_ray()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k != "OPENAI_API_KEY"}
-    if "OPENAI_API_KEY" in os.environ:  # passed to workers in memory only, never written
-        env["OPENAI_API_KEY"] = os.environ["OPENAI_API_KEY"]
+    # passed to the workers in memory (runtime_env), never written; a joined cluster's nodes lack our env
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     kw: dict = {"log_to_driver": False, "runtime_env": {"env_vars": env}}
     if address and address != "auto":
         _check_reachable(address)

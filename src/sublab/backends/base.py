@@ -86,6 +86,11 @@ class TrainConfig(Strict):
         return self
 
 
+def is_remote_spec(spec: str) -> bool:
+    """An API model spec (`openai/...`): its models live behind an endpoint, not in a folder."""
+    return spec.startswith("openai/")
+
+
 class ModelRef(BaseModel):
     """A model sublab can load: a base spec, or a finetuned model (full folder or adapter) with its parent."""
 
@@ -101,7 +106,7 @@ class ModelRef(BaseModel):
     @property
     def is_remote(self) -> bool:
         """An API model (`openai/...`): `path` is the remote model id, not a folder."""
-        return self.spec.startswith("openai/")
+        return is_remote_spec(self.spec)
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.model_dump())
