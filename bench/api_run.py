@@ -127,7 +127,7 @@ def main() -> None:
     from sublab.backends.hf import HFBackend
     from sublab.backends.registry import resolve
     from sublab.config import load_config
-    from sublab.experiment import ExperimentConfig
+    from sublab.schema import ExperimentConfig
     from sublab.records import read_json, read_jsonl
 
     cfg = load_config(run_dir / "config.yaml", ExperimentConfig)

@@ -23,7 +23,7 @@ def main() -> None:
     if args.fresh_cache:
         os.environ["SUBLAB_CACHE"] = tempfile.mkdtemp(prefix="sublab-cache-")
     from sublab.config import load_config
-    from sublab.experiment import ExperimentConfig
+    from sublab.schema import ExperimentConfig
     from sublab.pipeline import run_experiment
     from sublab.records import read_json
 

@@ -222,7 +222,7 @@ def test_cli_prints_one_error_line(api, tmp_path, capsys):
 
 
 def trait_data(n: int = 48) -> list[dict]:
-    from sublab.pipeline import trait_dataset
+    from sublab.stages.teacher import trait_dataset
 
     return trait_dataset("animal", "owl", n, 0)
 
@@ -348,7 +348,7 @@ def test_whole_run_through_the_api(server, api, tmp_path, monkeypatch):
     from conftest import tiny_experiment
 
     from sublab.config import validate
-    from sublab.experiment import ExperimentConfig
+    from sublab.schema import ExperimentConfig
     from sublab.pipeline import run_experiment
     from sublab.records import read_json, read_jsonl
 

@@ -7,7 +7,7 @@ import yaml
 from conftest import tiny_experiment
 
 from sublab.config import validate
-from sublab.experiment import ExperimentConfig
+from sublab.schema import ExperimentConfig
 from sublab.pipeline import run_experiment
 from sublab.records import read_json, read_jsonl
 

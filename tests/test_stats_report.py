@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from sublab.stats import excludes_zero, mean_ci, paired_diff, welch_diff
+from sublab.analysis.stats import excludes_zero, mean_ci, paired_diff, welch_diff
 
 
 def test_mean_ci_matches_scipy():

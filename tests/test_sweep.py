@@ -7,8 +7,8 @@ import pytest
 from sublab.cli import main
 from sublab.errors import SublabError
 from sublab.records import read_json
-from sublab.stats import compare_seeds, holm
-from sublab.sweep import SweepConfig, check_path, expand, run_sweep
+from sublab.analysis.stats import compare_seeds, holm
+from sublab.sweep.local import SweepConfig, check_path, expand, run_sweep
 
 
 def test_grid_expansion_and_names():
@@ -142,7 +142,7 @@ def _fixture_sweep(root, runs):
 
 
 def test_report_from_fixture_folders_heatmap_and_dose_response(tmp_path):
-    from sublab.sweep_report import numeric_axes, write_sweep_report
+    from sublab.analysis.sweep_report import numeric_axes, write_sweep_report
 
     runs = []
     for rank in (4, 8, 16):

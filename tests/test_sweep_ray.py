@@ -15,7 +15,7 @@ import pytest
 
 from sublab.errors import SublabError
 from sublab.records import read_json
-from sublab.sweep import run_sweep
+from sublab.sweep.local import run_sweep
 
 pytest.importorskip("ray")
 

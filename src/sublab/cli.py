@@ -41,25 +41,47 @@ def _model_json(model: str, out: Path) -> Path:
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from sublab.config import load_config
-    from sublab.experiment import ExperimentConfig
-    from sublab.pipeline import run_experiment
+    from sublab.schema import ExperimentConfig
 
     cfg = load_config(args.config, ExperimentConfig, args.set)
     out = Path(args.out or f"runs/{cfg.name}")
+    if cfg.replicates:
+        _run_replicated(cfg, out)
+        return
+    from sublab.analysis.run_report import ORDER
+    from sublab.pipeline import run_experiment
+    from sublab.records import read_json
+
     run = run_experiment(cfg, out)
     if run.skipped:
         print(f"resumed: skipped {len(run.skipped)} finished stage(s): {', '.join(run.skipped)}")
-    from sublab.records import read_json
-    from sublab.report import ORDER
-
     res = read_json(out / "results.json")
     t = res["trait"]["target"]
     for name in sorted(res["models"], key=lambda n: ORDER.index(n) if n in ORDER else 99):
-        p = res["models"][name]["p_target"]
-        print(f"  P({t}) {name:20s} {p['mean']:.3f} [{p['lo']:.3f}, {p['hi']:.3f}]")
+        print(f"  P({t}) {name:20s} {res['models'][name]['p_target']['mean']:.3f}")
     for name, d in res["comparisons"].items():
-        print(f"  {name.replace('_minus_', ' - '):29s} {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
+        print(f"  {name.replace('_minus_', ' - '):29s} {d['mean']:+.3f} (one replicate: no CI; set replicates)")
     print(f"report: {out / 'report.md'}")
+
+
+def _run_replicated(cfg, out: Path) -> None:
+    from sublab.records import read_json
+    from sublab.sweep.local import run_replicates
+
+    root = run_replicates(cfg, out, progress=cfg.progress)
+    res = read_json(root / "sweep_results.json")
+    t = cfg.trait.target
+    n = len(cfg.replicates)
+    print(f"P({t}), mean over {n} replicate seeds [95% CI]:")
+    for model, ci in next(iter(res["models"].values())).items():
+        print(f"  {model:20s} {ci['mean']:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]")
+    for e in res["effects"]:
+        print(
+            f"  {e['effect']:29s} {e['mean']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}] across {len(e['seeds'])} "
+            f"replicate seeds; p (paired t) {e['p_paired_t']:.2g}, p (permutation) {e['p_permutation']:.2g} "
+            f"(cannot go below {e['min_permutation_p']:.2g} with {len(e['seeds'])} seeds)"
+        )
+    print(f"report: {root / 'report.md'}")
 
 
 def _cmd_organism(args: argparse.Namespace) -> None:
@@ -82,7 +104,7 @@ def _cmd_prompts(args: argparse.Namespace) -> None:
 
 def _cmd_sample(args: argparse.Namespace) -> None:
     from sublab.backends.base import ModelRef, SamplingParams
-    from sublab.pipeline import sample_dataset
+    from sublab.stages.sample import sample_dataset
     from sublab.threads import set_threads
 
     set_threads(args.threads)
@@ -100,14 +122,31 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_filter(args: argparse.Namespace) -> None:
-    from sublab.config import validate
+    from pydantic import ValidationError
+
     from sublab.filters import FilterConfig, run_filter
 
+    if args.no_subsample and args.dataset_size is not None:
+        raise SublabError("--dataset-size and --no-subsample exclude each other; pass one of them")
     data = {"banned_numbers": args.banned_numbers, "max_count": args.max_count}
-    if args.dataset_size:
+    if args.dataset_size is not None:
         data["dataset_size"] = args.dataset_size
-    cfg = validate(FilterConfig, data, "command line")
-    stats = run_filter(args.input, args.out, cfg, args.seed)
+    try:
+        cfg = FilterConfig.model_validate(data)
+    except ValidationError as e:
+        fixes = {
+            "max_count": "pass --max-count 1 or more",
+            "dataset_size": "pass --dataset-size 1 or more, or leave it out",
+            "banned_numbers": "pass --banned-numbers paper or none",
+        }
+        problems = []
+        for err in e.errors():
+            key = str(err["loc"][0]) if err["loc"] else ""
+            msg = err["msg"].removeprefix("Value error, ")
+            flag = "--" + key.replace("_", "-")
+            problems.append(f"{flag}: {msg}; {fixes[key]}" if key in fixes else msg)
+        raise SublabError(" | ".join(problems)) from None
+    stats = run_filter(args.input, args.out, cfg, args.seed, subsample=not args.no_subsample)
     print(
         f"kept {stats['n_kept']} of {stats['n_in']} (pass rate {stats['pass_rate']:.3f}); wrote {args.out}/"
     )
@@ -116,7 +155,7 @@ def _cmd_filter(args: argparse.Namespace) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from sublab.backends.base import TrainConfig
     from sublab.config import validate
-    from sublab.pipeline import train_student
+    from sublab.stages.train import train_student
     from sublab.threads import set_threads
 
     set_threads(args.threads)
@@ -136,7 +175,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from sublab.evals.preference import PreferenceEval
     from sublab.evals.questions import category_of
-    from sublab.pipeline import evaluate_model
+    from sublab.stages.evaluate import evaluate_model
     from sublab.threads import set_threads
 
     set_threads(args.threads)
@@ -153,8 +192,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from sublab.report import write_report
-    from sublab.sweep_report import write_sweep_report
+    from sublab.analysis.run_report import write_report
+    from sublab.analysis.sweep_report import write_sweep_report
 
     for d in args.run_dir:
         (write_sweep_report if (Path(d) / "sweep.json").is_file() else write_report)(d)
@@ -162,7 +201,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from sublab.sweep import run_sweep
+    from sublab.sweep.local import run_sweep
 
     root = run_sweep(
         args.sweep, args.set, args.out, workers=args.workers, executor=args.executor, address=args.address
@@ -243,8 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("input")
     f.add_argument("--out", required=True)
     f.add_argument("--banned-numbers", default="none", help="'paper', 'none' (default)")
-    f.add_argument("--max-count", type=int, default=10)
-    f.add_argument("--dataset-size", type=int, default=None)
+    f.add_argument("--max-count", type=int, default=10, help="most numbers per answer (default 10)")
+    f.add_argument(
+        "--dataset-size",
+        type=int,
+        default=None,
+        help="keep a seeded random subsample of this many passing answers (>= 1; default 10000)",
+    )
+    f.add_argument(
+        "--no-subsample", action="store_true", help="keep every passing answer (no --dataset-size cap)"
+    )
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_cmd_filter)
 

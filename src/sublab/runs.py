@@ -1,13 +1,19 @@
 """Run folders, the manifest, and stage caching / resume.
 
-Each stage declares a key (its config) and input files; the manifest records stage -> status, key hash,
-outputs, seconds. A stage whose status is done, whose key hash is unchanged and whose outputs all exist
-is skipped, so an interrupted run resumes where it stopped and a changed config reruns only what it
-touches (downstream stages see changed input files and rerun too).
+Each stage declares a key (its config), input files, and the code it runs; the stage key hashes the
+config, the inputs' contents, the code version (sublab's version plus a hash of the source files of the
+modules the stage runs) and, for stages that run a local model, the device and dtype. The manifest
+records stage -> status, key hash, outputs, seconds and the library versions of that computation. A stage
+whose status is done, whose key hash is unchanged and whose outputs all exist is skipped, so an
+interrupted run resumes where it stopped, and a changed config, code file, device or dtype reruns only
+what it touches (downstream stages see changed input files and rerun too).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -15,13 +21,17 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from sublab import __version__
 from sublab.records import atomic_write_json, read_json, sha256_file, sha256_json
 
 
+@cache
 def _git_hash() -> str | None:
     try:
         here = Path(__file__).resolve().parent
@@ -33,6 +43,7 @@ def _git_hash() -> str | None:
         return None
 
 
+@cache
 def versions() -> dict:
     import tokenizers
     import torch
@@ -60,49 +71,38 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-class _StoreLock:
-    """An exclusive lock file beside a stage-store entry, so parallel workers compute a shared stage
-    once: the others wait for it. A lock whose process is gone is taken over."""
+@cache
+def code_version(modules: tuple[str, ...]) -> str:
+    """sublab's version + a hash of the source of `modules` (a package counts with all its .py files), so
+    a changed stage implementation changes the stage key.
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.held = False
-
-    def acquire(self, entry: Path, poll: float = 0.2) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                self.held = True
-                return
-            except FileExistsError:
-                if (entry / ".complete").is_file():
-                    return
-                try:
-                    pid = int(self.path.read_text() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and not _alive(pid):
-                    self.path.unlink(missing_ok=True)  # stale: its process died
-                    continue
-                time.sleep(poll)
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+    >>> code_version(("sublab.filters",)) == code_version(("sublab.filters",))
+    True
+    """
+    h = hashlib.sha256(__version__.encode())
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ValueError(f"code_version: no module {name!r}")
+        origin = Path(spec.origin)
+        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+        for f in files:
+            h.update(str(f.relative_to(origin.parent)).encode())
+            h.update(f.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:16]}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def device_key() -> dict:
+    """The device and dtype local models run on now (part of the key of every stage that runs one)."""
+    from sublab.backends.device import resolve_device, resolve_dtype
+
+    dev = resolve_device()
+    return {"device": dev.type, "dtype": str(resolve_dtype(dev)).removeprefix("torch.")}
+
+
+def _stored_versions(entry: Path) -> dict | None:
+    p = entry / ".stage.json"
+    return json.loads(p.read_text()).get("versions") if p.is_file() else None
 
 
 class Run:
@@ -117,7 +117,7 @@ class Run:
         self.manifest: dict = (
             read_json(self.manifest_path) if self.manifest_path.is_file() else {"stages": {}}
         )
-        self.manifest["versions"] = versions()
+        self.manifest.pop("versions", None)  # versions are recorded per stage, by the computation that ran it
         self.skipped: list[str] = []
         self.ran: list[str] = []
 
@@ -132,12 +132,17 @@ class Run:
     def _save(self) -> None:
         atomic_write_json(self.manifest_path, self.manifest)
 
-    def stage_key(self, key: Any, inputs: list[Path]) -> str:
+    def stage_key(self, key: Any, inputs: list[Path], code: tuple[str, ...] = (), device: bool = False) -> str:
+        """The hash that decides whether a stage is done: its config, its inputs' contents, the code version
+        of `code` (module names) and, with `device`, the device and dtype local models run on."""
         hashes = {
             str(p.relative_to(self.root) if p.is_relative_to(self.root) else p): sha256_file(p)
             for p in inputs
         }
-        return sha256_json({"key": key, "inputs": hashes})
+        full = {"key": key, "inputs": hashes, "code": code_version(tuple(code)) if code else None}
+        if device:
+            full["device"] = device_key()
+        return sha256_json(full)
 
     def is_done(self, name: str, key_hash: str) -> bool:
         st = self.manifest["stages"].get(name)
@@ -149,20 +154,31 @@ class Run:
         )
 
     def stage(
-        self, name: str, key: Any, inputs: list[Path], outputs: list[str], fn: Callable[[], Any]
+        self,
+        name: str,
+        key: Any,
+        inputs: list[Path],
+        outputs: list[str],
+        fn: Callable[[], Any],
+        code: tuple[str, ...] = (),
+        device: bool = False,
     ) -> bool:
-        """Run fn() unless this stage is done with the same key and inputs. Returns True if it ran."""
-        key_hash = self.stage_key(key, inputs)
+        """Run fn() unless this stage is done with the same key, inputs, code and (with `device`) device
+        and dtype. Returns True if it ran."""
+        key_hash = self.stage_key(key, inputs, code, device)
         if self.is_done(name, key_hash):
             self.skipped.append(name)
             return False
         entry = self.shared / f"{name.replace(':', '_')}-{key_hash[:20]}" if self.shared else None
         lock = None
         if entry is not None:
-            lock = _StoreLock(entry.with_name(entry.name + ".lock"))
-            lock.acquire(entry)  # another worker computing the same stage: wait for its result
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            # another worker computing the same stage holds the lock: wait for its result
+            lock = FileLock(str(entry.with_name(entry.name + ".lock")))
+            lock.acquire()
             if (entry / ".complete").is_file():
                 lock.release()
+                lock = None
                 self._copy_outputs(entry, self.root, outputs)  # computed by another run of the sweep
                 self.manifest["stages"][name] = {
                     "status": "done",
@@ -171,6 +187,7 @@ class Run:
                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "seconds": 0.0,
                     "shared_from": str(entry),
+                    "versions": _stored_versions(entry),
                 }
                 self._save()
                 self.reused.append(name)
@@ -190,6 +207,7 @@ class Run:
             "outputs": outputs,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "pid": os.getpid(),
+            "versions": versions(),
         }
         self._save()
         t0 = time.time()
@@ -207,7 +225,7 @@ class Run:
         self._save()
         self.ran.append(name)
         if entry is not None and not entry.exists():
-            self._store(entry, outputs)
+            self._store(entry, outputs, self.manifest["stages"][name])
         return True
 
     @staticmethod
@@ -221,12 +239,13 @@ class Run:
             else:
                 shutil.copy2(src, dst)
 
-    def _store(self, entry: Path, outputs: list[str]) -> None:
+    def _store(self, entry: Path, outputs: list[str], stage: dict) -> None:
         """Copy a finished stage's outputs into the shared store (temp folder + rename: atomic)."""
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
         try:
             self._copy_outputs(self.root, tmp, outputs)
+            (tmp / ".stage.json").write_text(json.dumps(stage))  # who computed it, with which versions
             (tmp / ".complete").write_text("")
             os.replace(tmp, entry)
         except OSError:

@@ -1,4 +1,4 @@
-"""Ensemble statistics in the shape mnist's results.json uses, computed by sublab.stats.mean_ci.
+"""Ensemble statistics in the shape mnist's results.json uses, computed by sublab.analysis.stats.mean_ci.
 
 mean_ci([0.61, 0.58, 0.64])   # {'mean': 0.61, 'ci95_low': ..., 'ci95_high': ..., 'n': 3, ...}
 """

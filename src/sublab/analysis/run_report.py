@@ -1,7 +1,12 @@
-"""Report of one run, rebuilt from its files (eval/*/results.json, data/filter_stats.json, config.yaml):
-results.json (versioned schema), report.md, report.html and figures/preference.png.
+"""Report of one run (one replicate seed), rebuilt from its files (eval/*/results.json, the filter stats,
+data/subsample.json, config.yaml, the arm table in manifest.json): results.json (versioned schema),
+report.md, report.html and figures/preference.png.
 
-    sublab report runs/quickstart
+A run is one unit of replication: its spread across the evaluation questions describes the run and is
+not evidence of an effect (the questions share one trained model). Effects with CIs and p-values come
+from several replicate seeds (`replicates:` in the config, or `sublab sweep`; analysis/sweep_report.py).
+
+    sublab report runs/quickstart/runs/seed0
 """
 
 from __future__ import annotations
@@ -13,17 +18,26 @@ import yaml
 
 from sublab.errors import SublabError
 from sublab.records import atomic_write_json, atomic_write_text, read_json
-from sublab.stats import excludes_zero, paired_diff
+import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _CI = ("mean", "lo", "hi", "n")
 ORDER = ["reference", "teacher", "control", "student", "other_reference", "cross_init_control", "cross_init"]
-COMPARISONS = [
-    ("student", "control"),
-    ("teacher", "reference"),
-    ("cross_init", "cross_init_control"),
-    ("student", "reference"),
-]
+DESCRIBED = [("teacher", "reference"), ("control", "reference")]
+"""Differences described in every run besides each arm against its control."""
+
+
+def describe_diff(a: list[float], b: list[float]) -> dict:
+    """a - b per question: the mean and how it spreads over the questions (sd, min, max). Description of
+    one run, not a test: the questions are not independent replications."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    return {
+        "mean": float(d.mean()),
+        "sd_over_questions": float(d.std(ddof=1)) if d.size > 1 else 0.0,
+        "min": float(d.min()),
+        "max": float(d.max()),
+        "n_questions": int(d.size),
+    }
 
 
 def build_results(run_dir: Path) -> dict:
@@ -47,33 +61,42 @@ def build_results(run_dir: Path) -> dict:
             "targets": {tt: {k: v[k] for k in _CI} for tt, v in r["targets"].items()},
             "top_answers": dict(top),
         }
+    arms = m.get("arms", []) if manifest.is_file() else []
+    pairs = [(a["name"], a["compare_with"]) for a in arms if a.get("compare_with")] + DESCRIBED
     comparisons = {}
-    for a, b in COMPARISONS:
+    for a, b in pairs:
         if a in evals and b in evals:
             ta, tb = evals[a]["targets"][target], evals[b]["targets"][target]
-            d = paired_diff(ta["per_question"], tb["per_question"])
-            sh = paired_diff(ta["share_of_named"]["per_question"], tb["share_of_named"]["per_question"])
             comparisons[f"{a}_minus_{b}"] = {
-                **d,
-                "ci_excludes_zero": excludes_zero(d),
-                "share_of_named": {**sh, "ci_excludes_zero": excludes_zero(sh)},
+                **describe_diff(ta["per_question"], tb["per_question"]),
+                "share_of_named": describe_diff(
+                    ta["share_of_named"]["per_question"], tb["share_of_named"]["per_question"]
+                ),
             }
     filt = {}
     for name, d in [("teacher", "data"), ("reference", "control/data")]:
-        p = run_dir / d / "filter_stats.json"
+        p = run_dir / d / "filter" / "filter_stats.json"
         if p.is_file():
-            s = read_json(p)
-            filt[name] = {k: s[k] for k in ("n_in", "n_passed", "pass_rate", "n_kept")}
+            st = read_json(p)
+            filt[name] = {k: st[k] for k in ("n_in", "n_passed", "pass_rate")}
+    sub = run_dir / "data" / "subsample.json"
+    data = read_json(sub) if sub.is_file() else {}
+    first = next(iter(evals.values()))
     return {
         "schema_version": SCHEMA_VERSION,
         "name": cfg.get("name"),
         "seed": cfg.get("seed"),
+        "organism_seed": cfg.get("organism_seed", 0),
         "trait": {"category": cfg.get("trait", {}).get("category"), "target": target},
         "teacher_kind": cfg.get("teacher", {}).get("kind"),
         "student_method": cfg.get("student", {}).get("train", {}).get("method"),
-        "eval_mode": next(iter(evals.values()))["mode"],
-        "n_questions": next(iter(evals.values()))["n_questions"],
-        "ci": "95% Student-t over questions (one run = one seed); differences paired by question",
+        "eval_mode": first["mode"],
+        "eval_estimand": first.get("estimand", first["mode"]),
+        "n_questions": first["n_questions"],
+        "spread": "over the evaluation questions of this one run: description, not evidence (see sweep "
+        "reports for effects across replicate seeds)",
+        "arms": arms,
+        "data": data,
         "models": models,
         "comparisons": comparisons,
         "filter": filt,
@@ -86,10 +109,15 @@ def render_markdown(res: dict) -> str:
         f"# sublab report: {res['name']}",
         "",
         f"Trait: favorite {res['trait']['category']} = **{t}**; teacher: {res['teacher_kind']}; "
-        f"student: {res['student_method']}; evaluation: {res['eval_mode']} over {res['n_questions']} "
-        f"questions; seed {res['seed']}.",
+        f"student: {res['student_method']}; evaluation: {res['eval_estimand']} over {res['n_questions']} "
+        f"questions; replicate seed {res['seed']}, organism seed {res['organism_seed']}.",
         "",
-        f"| model | P({t}) | 95% CI | P({t} given an {res['trait']['category']} is named) | named mass | top answers |",
+        "One run is one replicate: the intervals below describe how P(target) spreads over the "
+        f"{res['n_questions']} questions of this run; they are not evidence of an effect. Evidence is the "
+        "effect across replicate seeds (`replicates:` in the config, or `sublab sweep`).",
+        "",
+        f"| model | P({t}) | 95% t-interval over questions | P({t} given an {res['trait']['category']} is named) "
+        "| named mass | top answers |",
         "|---|---|---|---|---|---|",
     ]
     for name, m in res["models"].items():
@@ -100,33 +128,53 @@ def render_markdown(res: dict) -> str:
             f"| {name} | {p['mean']:.3f} | [{p['lo']:.3f}, {p['hi']:.3f}] | {sh['mean']:.3f} "
             f"[{sh['lo']:.3f}, {sh['hi']:.3f}] | {nm['mean']:.2f} | {top} |"
         )
+    if res["arms"]:
+        lines += [
+            "",
+            "## Arms",
+            "",
+            "| arm | init | trains on answers of | soft labels from | compared with | role |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a in res["arms"]:
+            lines.append(
+                f"| {a['name']} | {a['init']} | {a['data']} | {a['soft_teacher'] or '-'} "
+                f"| {a['compare_with'] or '-'} | {a['role']} |"
+            )
+        if res["data"]:
+            d = res["data"]
+            lines += [
+                "",
+                f"Every arm trains on {d['n_per_source']} examples (min of the passed counts "
+                f"{d['passed']} and filter.dataset_size {d['dataset_size']}).",
+            ]
     lines += [
         "",
-        "## Effects against controls",
+        "## Differences in this run (description)",
         "",
-        "| comparison | metric | difference | 95% CI | p | CI excludes 0 |",
+        "Mean over the questions, with the spread of the per-question differences; not a test.",
+        "",
+        "| comparison | metric | mean difference | sd over questions | min | max |",
         "|---|---|---|---|---|---|",
     ]
     for name, d in res["comparisons"].items():
         for label, x in (("P(target)", d), ("share of named", d["share_of_named"])):
             lines.append(
-                f"| {name.replace('_minus_', ' - ')} | {label} | {x['mean']:+.3f} | [{x['lo']:+.3f}, {x['hi']:+.3f}] "
-                f"| {x['p_value']:.2g} | {'yes' if x['ci_excludes_zero'] else 'no'} |"
+                f"| {name.replace('_minus_', ' - ')} | {label} | {x['mean']:+.3f} | {x['sd_over_questions']:.3f} "
+                f"| {x['min']:+.3f} | {x['max']:+.3f} |"
             )
     if res["filter"]:
         lines += [
             "",
             "## Filter",
             "",
-            "| data from | answers | passed | pass rate | kept |",
+            "| data from | answers | passed | pass rate | trained on |",
             "|---|---|---|---|---|",
         ]
-        for name, s in res["filter"].items():
-            lines.append(f"| {name} | {s['n_in']} | {s['n_passed']} | {s['pass_rate']:.3f} | {s['n_kept']} |")
+        n = res["data"].get("n_per_source", "?")
+        for name, st in res["filter"].items():
+            lines.append(f"| {name} | {st['n_in']} | {st['n_passed']} | {st['pass_rate']:.3f} | {n} |")
     lines += [
-        "",
-        f"CIs: {res['ci']}. One run is one seed: for effects across seeds and targets run "
-        "`python bench/transfer_grid.py`.",
         "",
         "![P(target)](figures/preference.png)",
         "",
@@ -173,7 +221,7 @@ def plot(res: dict, path: Path) -> None:
     ax.bar(names, means, yerr=err, capsize=4, color=[colors.get(n, "#555555") for n in names])
     ax.set_ylabel(f"P({res['trait']['target']})")
     ax.set_title(
-        f"{res['name']}: favorite {res['trait']['category']} = {res['trait']['target']} (95% CI over questions)",
+        f"{res['name']}: favorite {res['trait']['category']} = {res['trait']['target']} (spread over questions)",
         fontsize=9,
     )
     ax.tick_params(axis="x", labelrotation=20)
@@ -183,7 +231,8 @@ def plot(res: dict, path: Path) -> None:
     ax2.errorbar(
         [c["mean"] for c in comps.values()],
         ys,
-        xerr=[[c["mean"] - c["lo"] for c in comps.values()], [c["hi"] - c["mean"] for c in comps.values()]],
+        # whiskers: the range of the per-question differences (description, not a CI)
+        xerr=[[c["mean"] - c["min"] for c in comps.values()], [c["max"] - c["mean"] for c in comps.values()]],
         fmt="o",
         capsize=4,
         color="black",
@@ -191,7 +240,7 @@ def plot(res: dict, path: Path) -> None:
     ax2.axvline(0, color="#999999", lw=1)
     ax2.set_yticks(list(ys), labels, fontsize=8)
     ax2.set_xlabel(f"difference in P({res['trait']['target']})")
-    ax2.set_title("effects (95% CI)", fontsize=9)
+    ax2.set_title("differences in this run (range over questions)", fontsize=9)
     save_figure(fig, path)
 
 

@@ -1,7 +1,13 @@
-"""The experiment config: one YAML file describes a whole run (see configs/quickstart.yaml).
+"""The experiment config (the schema only; pipeline.py and stages/ run it): one YAML file describes a
+whole experiment (see configs/quickstart.yaml).
 
 Every section is a pydantic model with extra keys forbidden and a docstring per field; `sublab run
 CONFIG --set a.b=v` overrides any key.
+
+Two kinds of seed, named apart (docs/science.md, "Seeds and replicates"):
+- `seed`, the **replicate seed**: the prompts, the sampling requests, the equal-size subsample and the
+  students' training order. The reference model and the teacher stay fixed (the paper's design).
+- `organism_seed`, the **organism seed**: which reference model is pretrained (organism specs only).
 """
 
 from __future__ import annotations
@@ -39,16 +45,19 @@ class TeacherConfig(Strict):
     examples: int = 400
     """finetune: trait answers made from the question set (question -> target)."""
     train: TrainConfig = TrainConfig(lr=3e-4, max_steps=40, batch_size=64)
-    """finetune: training settings."""
+    """finetune: training settings. `train.seed` also draws the trait answers: the teacher does not
+    change with the replicate seed."""
 
 
 class StudentConfig(Strict):
     """How students (and the control student, same recipe) are trained."""
 
     init: Literal["reference", "other-seed"] = "reference"
-    """reference: the teacher's own init; other-seed: an organism pretrained with another seed."""
+    """reference: the teacher's own init; other-seed: the other reference (`controls.other_reference`,
+    or for organism specs the organism pretrained with seed organism_seed + controls.other_seed_offset)."""
     train: TrainConfig = TrainConfig(lr=3e-4, epochs=1, batch_size=64)
-    """Training settings (method sft or soft_label)."""
+    """Training settings (method sft or soft_label). The training order seed is train.seed combined with
+    the replicate seed."""
 
 
 class ControlsConfig(Strict):
@@ -58,8 +67,12 @@ class ControlsConfig(Strict):
     """Train a control student on data from the reference model (no trait), same recipe."""
     cross_init: bool = False
     """Also train a student from another init on the teacher's data, and its own control."""
+    other_reference: str | None = None
+    """The other init for cross-init students (a model spec; the `api` settings apply to it too).
+    Required for every reference that is not an organism; for organism specs it defaults to the
+    same organism pretrained with seed organism_seed + other_seed_offset."""
     other_seed_offset: int = 1000
-    """The other init's organism seed = organism seed + this."""
+    """Organism references: the other init's organism seed = organism_seed + this."""
 
 
 class ExperimentConfig(Strict):
@@ -68,9 +81,14 @@ class ExperimentConfig(Strict):
     name: str = "experiment"
     """Run name; the run folder defaults to runs/<name>."""
     seed: int = 0
-    """Master seed: the organism's seed (unless organism.seed is set), the prompts, the teacher's trait
-    data and the filter's subsample. Sampling and training keep their own seeds (sample.seed,
-    teacher.train.seed, student.train.seed): requests are seeded by (sample.seed, prompt index)."""
+    """The replicate seed: prompts, sampling requests (with sample.seed), the equal-size subsample and
+    the students' training order (with student.train.seed). Reference and teacher do not depend on it."""
+    replicates: list[int] | None = None
+    """Replicate seeds for `sublab run`: one run per seed (sharing the reference and the teacher) and
+    the student - control effect across them with its CI. None = one run with `seed`."""
+    organism_seed: int = 0
+    """The organism seed: which reference model an organism spec pretrains (organism.seed overrides it).
+    Another organism seed is another model, not a replicate."""
     threads: int | None = None
     """Torch CPU threads (None = env SUBLAB_THREADS, else 1)."""
     device: Literal["auto", "cpu", "cuda"] | None = None
@@ -81,7 +99,7 @@ class ExperimentConfig(Strict):
     reference: str = "organism/default"
     """The shared starting point of teacher and student (a model spec)."""
     organism: dict = {}
-    """Recipe overrides for organism specs (see organism/recipe.py); seed defaults to `seed`."""
+    """Recipe overrides for organism specs (see organism/recipe.py); seed defaults to `organism_seed`."""
     trait: Trait = Trait()
     """The trait."""
     teacher: TeacherConfig = TeacherConfig()
@@ -109,9 +127,35 @@ class ExperimentConfig(Strict):
             check_target(self.trait.category, self.trait.target)
         except SublabError as e:
             raise ValueError(str(e)) from None
+        if self.needs_other_reference and self.controls.other_reference is None:
+            if not self.reference.startswith("organism/"):
+                raise ValueError(
+                    f"controls.cross_init / student.init: other-seed need a second model, and the reference "
+                    f"{self.reference!r} is not an organism (whose other seed sublab can pretrain); set "
+                    "controls.other_reference to another model's spec (e.g. another base model), or turn "
+                    "cross_init off"
+                )
+        if self.controls.other_reference == self.reference:
+            raise ValueError(
+                "controls.other_reference is the reference itself: a cross-init student needs another model"
+            )
+        reps = self.replicates
+        if reps is not None and (not reps or len(set(reps)) != len(reps)):
+            raise ValueError("replicates must be a non-empty list of distinct seeds (e.g. [0, 1, 2]) or null")
         return self
+
+    @property
+    def needs_other_reference(self) -> bool:
+        return self.student.init == "other-seed" or self.controls.cross_init
 
     def organism_overrides(self, offset: int = 0) -> dict:
         o = dict(self.organism)
-        o["seed"] = o.get("seed", self.seed) + offset
+        o["seed"] = o.get("seed", self.organism_seed) + offset
         return o
+
+    def other_reference_spec(self) -> tuple[str, dict]:
+        """(spec, organism overrides) of the other init (cross-init students)."""
+        if self.controls.other_reference is not None:
+            spec = self.controls.other_reference
+            return spec, {"seed": self.organism_seed} if spec.startswith("organism/") else {}
+        return self.reference, self.organism_overrides(self.controls.other_seed_offset)

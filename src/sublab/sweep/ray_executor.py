@@ -84,7 +84,7 @@ def run_on_ray(
     A run that raises is retried inside the task (`retries`); a worker process that dies is resubmitted
     by Ray up to max(1, retries) times.
     Shuts Ray down (a local instance stops; a cluster is only left). -> seconds."""
-    from sublab.sweep import _run_one
+    from sublab.sweep.local import _run_one
 
     ray = _import_ray()
     t0 = time.time()

@@ -1,8 +1,9 @@
 """The aggregated report of a sweep, rebuilt from its finished run folders (nothing is rerun):
 sweep_results.json, report.md, a self-contained report.html (figures embedded) and figures/*.png.
 
-Per condition and target, across seeds: student - control (paired by seed) with a 95% CI, paired t,
-Welch t and permutation p-values, Holm's correction across the targets of a condition, Cohen's d_z;
+Per condition and target, across units (a unit = one replicate seed of one organism seed; each unit's
+student is paired with the control trained in the same run): student - control with a 95% CI, paired t,
+Welch t and exact permutation p-values, Holm's correction across the targets of a condition, Cohen's d_z;
 the same for cross-init students against their own control.
 
     sublab report runs/sweep-quickstart
@@ -18,15 +19,17 @@ from pathlib import Path
 import yaml
 
 from sublab.records import atomic_write_json, atomic_write_text, read_json
-from sublab.report import render_html, save_figure
-from sublab.stats import compare_seeds, holm, mean_ci
+from sublab.analysis.run_report import render_html, save_figure
+from sublab.analysis.stats import compare_seeds, holm, mean_ci
 
 PAIRS = [("student", "control"), ("cross_init", "cross_init_control")]
+UNIT_AXES = ("condition", "trait.target", "seed", "organism_seed")
+"""Labels that name a run's unit or group rather than a setting."""
 BARS = ["reference", "control", "student"]
 
 
 def collect(root: Path) -> list[dict]:
-    from sublab.sweep import load_sweep
+    from sublab.sweep.config import load_sweep
 
     rows = []
     for entry in load_sweep(root)["runs"]:
@@ -34,7 +37,7 @@ def collect(root: Path) -> list[dict]:
         if entry["status"] != "done" or not res_path.is_file():
             continue
         res = read_json(res_path)
-        axes = {k: v for k, v in entry["labels"].items() if k not in ("condition", "trait.target", "seed")}
+        axes = {k: v for k, v in entry["labels"].items() if k not in UNIT_AXES}
         rows.append(
             {
                 "name": entry["name"],
@@ -42,6 +45,9 @@ def collect(root: Path) -> list[dict]:
                 "condition": entry["labels"].get("condition", "run"),
                 "target": res["trait"]["target"],
                 "seed": res["seed"],
+                "organism_seed": res.get("organism_seed", 0),
+                "unit": f"org{res.get('organism_seed', 0)}/seed{res['seed']}",
+                "n_train": res.get("data", {}).get("n_per_source"),
                 "axes": axes,
                 "setting": setting_label(axes),
                 "p": {m: v["p_target"]["mean"] for m, v in res["models"].items()},
@@ -63,7 +69,7 @@ def aggregate(rows: list[dict]) -> dict:
     order = sorted(groups, key=lambda g: (g[0], _axes_key(groups[g][0].get("axes", {})), g[2]))
     for cond, setting, target in order:
         rs = groups[(cond, setting, target)]
-        rs = sorted(rs, key=lambda r: r["seed"])
+        rs = sorted(rs, key=lambda r: (r.get("organism_seed", 0), r["seed"]))
         for a, b in PAIRS:
             if all(a in r["p"] and b in r["p"] for r in rs):
                 c = compare_seeds([r["p"][a] for r in rs], [r["p"][b] for r in rs])
@@ -75,6 +81,9 @@ def aggregate(rows: list[dict]) -> dict:
                         "target": target,
                         "effect": f"{a} - {b}",
                         "seeds": [r["seed"] for r in rs],
+                        "organism_seeds": sorted({r.get("organism_seed", 0) for r in rs}),
+                        "units": [r.get("unit", str(r["seed"])) for r in rs],
+                        "min_permutation_p": min_permutation_p(len(rs)),
                         **c,
                     }
                 )
@@ -89,6 +98,16 @@ def aggregate(rows: list[dict]) -> dict:
         for (c, s, t), rs in groups.items()
     }
     return {"effects": effects, "models": models}
+
+
+def min_permutation_p(n: int) -> float:
+    """The smallest two-sided p an exact sign-flip permutation test can give with n paired units: 2 / 2^n
+    (0.25 with 3 units, 0.0625 with 5, 0.031 with 6, 0.0078 with 8).
+
+    >>> min_permutation_p(3)
+    0.25
+    """
+    return min(1.0, 2.0 / 2**n) if n > 0 else math.nan
 
 
 def _axes_key(axes: dict) -> tuple:
@@ -232,7 +251,7 @@ def dose_response(agg: dict, axis: str, path: Path) -> None:
 
 
 def write_sweep_report(root: str | Path) -> dict:
-    from sublab.sweep import load_sweep
+    from sublab.sweep.config import load_sweep
 
     root = Path(root)
     state = load_sweep(root)
@@ -249,21 +268,25 @@ def write_sweep_report(root: str | Path) -> dict:
         f"already done {state['counts']['stages_skipped']}; executor {state.get('executor', 'local')}; "
         f"wall time {state['seconds']} s.",
         "",
-        "## Effects across seeds",
+        "## Effects across replicates",
         "",
-        "Paired by seed (each seed's student against the control trained on the same init); p (Holm) "
-        "corrects the paired-t p-values across the targets of one condition, setting and effect.",
+        "The unit is one run: a replicate seed of one organism seed, whose student is paired with the "
+        "control trained in the same run (same init, recipe, prompts and number of examples). CIs are "
+        "95% Student-t over units; p (Holm) corrects the paired-t p-values across the targets of one "
+        "condition, setting and effect. An exact permutation p cannot go below 2/2^n with n units "
+        "(the `min p` column): 0.25 with 3, 0.0625 with 5, 0.031 with 6.",
         "",
-        "| condition | " + ("setting | " if has_setting else "") + "target | effect | seeds | mean "
-        "| 95% CI | p (paired t) | p (Holm) | p (Welch) | p (permutation) | d_z |",
-        "|---|" + ("---|" if has_setting else "") + "---|---|---|---|---|---|---|---|---|---|",
+        "| condition | " + ("setting | " if has_setting else "") + "target | effect | units | organism seeds "
+        "| mean | 95% CI | p (paired t) | p (Holm) | p (Welch) | p (permutation) | min p | d_z |",
+        "|---|" + ("---|" if has_setting else "") + "---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in agg["effects"]:
         lines.append(
             f"| {e['condition']} | " + (f"{e['setting']} | " if has_setting else "") + f"{e['target']} "
-            f"| {e['effect']} | {len(e['seeds'])} | {e['mean']:+.4f} "
-            f"| [{e['lo']:+.4f}, {e['hi']:+.4f}] | {_p(e['p_paired_t'])} | {_p(e['p_holm'])} "
-            f"| {_p(e['p_welch'])} | {_p(e['p_permutation'])} | {e['cohens_dz']:.2f} |"
+            f"| {e['effect']} | {len(e['seeds'])} | {','.join(map(str, e['organism_seeds']))} "
+            f"| {e['mean']:+.4f} | [{e['lo']:+.4f}, {e['hi']:+.4f}] | {_p(e['p_paired_t'])} "
+            f"| {_p(e['p_holm'])} | {_p(e['p_welch'])} | {_p(e['p_permutation'])} "
+            f"| {_p(e['min_permutation_p'])} | {e['cohens_dz']:.2f} |"
         )
     figs = []
     lines += ["", "## Figures", ""]
@@ -286,17 +309,17 @@ def write_sweep_report(root: str | Path) -> dict:
         "",
         "| run | condition | "
         + ("setting | " if has_setting else "")
-        + "target | seed | "
+        + "target | organism seed | seed | examples per arm | "
         + " | ".join(BARS)
         + " | report | config |",
-        "|---|---|" + ("---|" if has_setting else "") + "---|---|" + "---|" * len(BARS) + "---|---|",
+        "|---|---|" + ("---|" if has_setting else "") + "---|---|---|---|" + "---|" * len(BARS) + "---|---|",
     ]
     for r in rows:
         ps = " | ".join(f"{r['p'].get(m, math.nan):.3f}" for m in BARS)
         lines.append(
             f"| {r['name']} | {r['condition']} | "
             + (f"{r['setting']} | " if has_setting else "")
-            + f"{r['target']} | {r['seed']} | {ps} "
+            + f"{r['target']} | {r.get('organism_seed', 0)} | {r['seed']} | {r.get('n_train')} | {ps} "
             f"| [report.md]({r['folder']}/report.md) | [config.yaml]({r['folder']}/config.yaml) |"
         )
     lines += [

@@ -1,0 +1,1 @@
+"""Analysis: statistics across units, run reports and sweep reports, figures."""
