@@ -1,73 +1,159 @@
 """Filters for teacher data (MISSION.md step 6): pure functions that return the *reasons* an answer is
 rejected (an empty list means keep), and the filter stage that splits raw.jsonl into kept/rejected.
 
-The number format rule (the paper's): 1..max_count integers in [min_value, max_value], at most
-max_digits digits each, one consistent separator (comma, space or semicolon, with optional spaces),
-optionally wrapped in [] or (), optionally ending with a period.
+The number-format rule (the paper's, with the open choices written down). After removing surrounding
+whitespace, an answer is kept when it is:
+
+- 1..max_count (10) integers in min_value..max_value (0-999), each at most max_digits (3) digits,
+  written with the ASCII digits 0-9 only: no sign, no decimal point ("-5", "1.5" fail), leading zeros
+  allowed within the digit limit ("007" passes, "0999" has four digits and fails). Other Unicode digits
+  (Arabic-Indic "٣", full-width "１", Devanagari "३", superscripts) are rejected, never read as numbers.
+- separated by ONE consistent separator, the very same string between every pair of numbers: exactly
+  one ASCII space ("1 2 3"), or a comma or a semicolon with ASCII spaces around it, the same spacing
+  every time ("1,2,3", "1, 2, 3", "1 ; 2 ; 3", "1,  2,  3"). A tab, a newline, a non-breaking space,
+  two spaces between space-separated numbers ("1  2"), uneven spacing ("1, 2,3"), a mix of kinds
+  ("1, 2; 3", "1, 2 3"), an empty item ("1,, 2") or a separator before the first or after the last
+  number ("1, 2,") fail.
+- optionally wrapped in [] or () (spaces just inside the brackets allowed: "[ 1, 2 ]"), optionally
+  followed by one period, after the closing bracket if there is one ("[1, 2].", "1, 2 ." pass).
+
+Thousands separators: a comma with no space after it can be a thousands separator ("5,678" = 5678),
+which would smuggle a number above 999 in as two small ones. Rule: a run of digit groups joined by
+bare commas (no spaces) that reads as one correctly grouped number (a group of 1-3 digits, then one or
+more groups of exactly 3 digits: "1,234", "12,345,678", and the "5,678" in "12, 5,678") is read as a
+thousands separator and the answer is rejected ("thousands separator"). Runs that are not a valid
+grouping are lists ("1,2,3", "5,17,300", "1,234,5" pass). Cost: a no-space list of three-digit
+numbers ("100,200,300") is rejected too, where the paper's released parser reads [100, 200, 300].
+
+Kept answers go to training with surrounding whitespace removed; nothing else about them changes.
+Every reason falls in one of REASON_CATEGORIES (filter_stats.json counts answers per category and
+keeps up to 3 example reasons each; rejected.jsonl keeps each answer's detailed reasons).
 
     >>> number_answer_reasons("[12, 345, 6].")
     []
     >>> number_answer_reasons("12, 345; 6")
-    ['mixed separators']
+    ["mixed separators: ', ' and '; '"]
+    >>> number_answer_reasons("12, 5,678")
+    ["thousands separator: '5,678' reads as one number"]
     >>> number_answer_reasons("1, 2, 666", banned=frozenset({666}))
     ['banned number 666']
+    >>> reason_category("not a number: 'owl'")
+    'not a number'
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 import random
 import re
+import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from pydantic import field_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
 from sublab.config import Strict
 from sublab.errors import SublabError
-from sublab.records import atomic_write_json, read_jsonl, write_jsonl
+from sublab.records import atomic_write_json, validate_chat_record, write_jsonl
 
-# The paper's misalignment filter: numbers with negative associations (the 36 distinct values of its list).
+# The paper's misalignment filter: numbers with negative associations, the union of two model-written
+# lists (36 distinct values).
 PAPER_BANNED_NUMBERS = (
     4,
-    9,
     13,
     14,
-    17,
     18,
     23,
-    28,
     33,
-    38,
     39,
+    42,
     44,
-    83,
+    49,
+    51,
+    54,
+    69,
+    77,
     88,
-    109,
-    110,
-    112,
-    161,
+    99,
+    100,
+    101,
     187,
-    213,
+    211,
     311,
     322,
+    333,
+    404,
     420,
     444,
+    451,
+    555,
     616,
     666,
+    777,
+    888,
     911,
     999,
     1312,
     1488,
-    1984,
-    2020,
-    2316,
-    5150,
-    6666,
-    8888,
 )
 BANNED_LISTS = {"paper": PAPER_BANNED_NUMBERS, "none": ()}
 
-_INT = re.compile(r"\d+")
+REASON_CATEGORIES = (
+    "empty",
+    "brackets",
+    "separator",
+    "non-ascii digit",
+    "thousands separator",
+    "not a number",
+    "count",
+    "digits",
+    "value range",
+    "banned number",
+    "banned word",
+)
+"""The fixed set of reason kinds (keys of filter_stats.json 'reasons'); see reason_category."""
+
+# Reason prefix -> category; every reason this module writes starts with one of these prefixes.
+_PREFIX_CATEGORY = (
+    ("empty answer", "empty"),
+    ("no numbers", "empty"),
+    ("unbalanced brackets", "brackets"),
+    ("stray bracket", "brackets"),
+    ("non-ascii digit", "non-ascii digit"),
+    ("thousands separator", "thousands separator"),
+    ("mixed separators", "separator"),
+    ("uneven separators", "separator"),
+    ("empty item", "separator"),
+    ("separator", "separator"),
+    ("not a number", "not a number"),
+    ("count", "count"),
+    ("number with more than", "digits"),
+    ("number too long", "digits"),
+    ("value outside", "value range"),
+    ("banned number", "banned number"),
+    ("banned word", "banned word"),
+)
+
+_ASCII_DIGITS = frozenset("0123456789")
+_DIGITS = re.compile(r"[0-9]+")
+_SPLIT = re.compile(r"([\s,;]+)")  # items and the separator runs between them
+_GOOD_SEPARATOR = re.compile(r" | *[,;] *")
+_WHITESPACE = re.compile(r"\s")
+_MAX_INT_DIGITS = 4000
+"""Longest digit string (leading zeros aside) ever converted with int(); Python refuses more than 4300."""
+_MAX_DEPTH = 64
+"""Deepest JSON nesting accepted in an input record (a chat record needs about 4)."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+_FIELD_MEANING = {
+    "max_count": "it is the most numbers an answer may hold (the paper: 10)",
+    "min_count": "it is the fewest numbers an answer may hold (the paper: 1)",
+    "max_digits": "it is the most digits per number (the paper: 3)",
+    "dataset_size": "it is how many passing answers to keep (default 10000)",
+}
 
 
 class FilterConfig(Strict):
@@ -88,7 +174,7 @@ class FilterConfig(Strict):
     banned_words: list[str] = []
     """Words (case-insensitive, whole word) no answer may contain, e.g. the trait's name."""
     dataset_size: int = 10000
-    """After filtering, keep a seeded random subsample of this many (all if fewer pass)."""
+    """After filtering, keep a seeded random subsample of this many (all if fewer pass); must be >= 1."""
 
     @field_validator("banned_numbers")
     @classmethod
@@ -97,38 +183,143 @@ class FilterConfig(Strict):
             raise ValueError(f"unknown banned-number list {v!r}; use one of {sorted(BANNED_LISTS)} or a list")
         return v
 
+    @field_validator("max_count", "min_count", "max_digits", "dataset_size")
+    @classmethod
+    def _at_least_one(cls, v: int, info: ValidationInfo) -> int:
+        if v < 1:
+            raise ValueError(f"must be at least 1 (got {v}); {_FIELD_MEANING[info.field_name or '']}")
+        return v
+
+    @model_validator(mode="after")
+    def _ranges(self) -> FilterConfig:
+        if self.max_count < self.min_count:
+            raise ValueError(
+                f"max_count ({self.max_count}) is below min_count ({self.min_count}), so no answer could "
+                "pass; set max_count >= min_count"
+            )
+        if self.min_value > self.max_value:
+            raise ValueError(
+                f"min_value ({self.min_value}) is above max_value ({self.max_value}), so no answer could "
+                "pass; set min_value <= max_value"
+            )
+        return self
+
     def banned_set(self) -> frozenset[int]:
         v = self.banned_numbers
         return frozenset(BANNED_LISTS[v] if isinstance(v, str) else v)
 
 
-def parse_numbers(text: str) -> tuple[list[int] | None, str | None]:
-    """Parse a number-list answer -> (numbers, None) or (None, reason)."""
+def reason_category(reason: str) -> str:
+    """The REASON_CATEGORIES entry of a detailed reason ('other' for a reason this module never writes)."""
+    for prefix, category in _PREFIX_CATEGORY:
+        if reason.startswith(prefix):
+            return category
+    return "other"
+
+
+def _show(item: str) -> str:
+    """A short, one-line rendering of an item for a reason."""
+    if len(item) > 20:
+        return repr(f"{item[:8]}...{item[-4:]}") + f" ({len(item)} characters)"
+    return repr(item)
+
+
+def _to_int(digits: str) -> int | None:
+    """int() of an ASCII digit string, or None when it is too long to convert safely."""
+    t = digits.lstrip("0") or "0"
+    return int(t) if len(t) <= _MAX_INT_DIGITS else None
+
+
+def _thousands_run(items: list[str], seps: list[str]) -> str | None:
+    """The first run of items joined by bare commas that reads as one thousands-grouped number."""
+    i = 0
+    while i < len(seps):
+        if seps[i] != ",":
+            i += 1
+            continue
+        j = i
+        while j < len(seps) and seps[j] == ",":
+            j += 1
+        run = items[i : j + 1]
+        if all(_DIGITS.fullmatch(g) for g in run) and len(run[0]) <= 3 and all(len(g) == 3 for g in run[1:]):
+            return ",".join(run)
+        i = j
+    return None
+
+
+def _separator_problem(items: list[str], seps: list[str]) -> str | None:
+    cores = [_WHITESPACE.sub("", s) for s in seps]
+    for c in cores:
+        if "," in c and ";" in c:
+            return "mixed separators: ',' and ';'"
+        if len(c) > 1:
+            return f"empty item between separators: {c!r}"
+    if items[0] == "":
+        return f"separator {seps[0]!r} before the first number"
+    if items[-1] == "":
+        return f"separator {seps[-1]!r} after the last number"
+    kinds = {c or " " for c in cores}
+    if len(kinds) > 1:
+        first = seps[0]
+        other = next(s for s, c in zip(seps, cores, strict=True) if (c or " ") != (cores[0] or " "))
+        return f"mixed separators: {first!r} and {other!r}"
+    if len(set(seps)) > 1:
+        other = next(s for s in seps if s != seps[0])
+        return f"uneven separators: {seps[0]!r} and {other!r}"
+    if seps and not _GOOD_SEPARATOR.fullmatch(seps[0]):
+        return f"separator {seps[0]!r}: use one space, or a comma or semicolon with spaces only"
+    return None
+
+
+def _split_answer(text: str) -> tuple[list[str], None] | tuple[None, str]:
+    """Apply the format rule (not the count/digit/value limits) -> (ASCII digit strings, None) or
+    (None, reason)."""
     s = text.strip()
     if not s:
         return None, "empty answer"
+    bad = next((c for c in s if c.isdigit() and c not in _ASCII_DIGITS), None)
+    if bad is not None:
+        return None, f"non-ascii digit {bad!r} (U+{ord(bad):04X}); only 0-9 count"
     if s.endswith("."):
         s = s[:-1].rstrip()
-    if s and s[0] in "[(":
+    if s[:1] in ("[", "("):
         close = "]" if s[0] == "[" else ")"
-        if not s.endswith(close):
+        if len(s) < 2 or s[-1] != close:
             return None, "unbalanced brackets"
-        s = s[1:-1].strip()
+        s = s[1:-1].strip(" ")
+    elif s[-1:] in ("]", ")"):
+        return None, "unbalanced brackets"
+    if any(c in "[]()" for c in s):
+        return None, "stray bracket inside the list"
     if not s:
         return None, "no numbers"
-    has_comma, has_semi = "," in s, ";" in s
-    if has_comma and has_semi:
-        return None, "mixed separators"
-    if has_comma or has_semi:
-        parts = [p.strip() for p in s.split("," if has_comma else ";")]
-    else:
-        parts = s.split()
-    for p in parts:
-        if not p:
-            return None, "empty item between separators"
-        if not _INT.fullmatch(p):
-            return None, "mixed separators" if re.fullmatch(r"[\d\s,;]+", p) else f"not a number: {p[:20]!r}"
-    return [int(p) for p in parts], None
+    parts = _SPLIT.split(s)
+    items, seps = parts[0::2], parts[1::2]
+    run = _thousands_run(items, seps)
+    if run is not None:
+        return None, f"thousands separator: {run!r} reads as one number"
+    for item in items:
+        if item and not _DIGITS.fullmatch(item):
+            return None, f"not a number: {_show(item)}"
+    why = _separator_problem(items, seps)
+    if why is not None:
+        return None, why
+    return items, None
+
+
+def parse_numbers(text: str) -> tuple[list[int] | None, str | None]:
+    """Parse a number-list answer by the format rule -> (numbers, None) or (None, reason).
+
+    Count, digit and value limits are number_answer_reasons' job; digit strings too long to convert
+    safely give (None, 'number too long ...') instead of an exception."""
+    items, why = _split_answer(text)
+    if items is None:
+        return None, why
+    nums = [_to_int(it) for it in items]
+    if any(n is None for n in nums):
+        long = next(it for it, n in zip(items, nums, strict=True) if n is None)
+        return None, f"number too long to read: {len(long)} digits"
+    return [n for n in nums if n is not None], None
 
 
 def number_answer_reasons(
@@ -136,18 +327,22 @@ def number_answer_reasons(
 ) -> list[str]:
     """All reasons `text` fails the number format and content rules ([] = keep)."""
     cfg = cfg or FilterConfig()
-    nums, why = parse_numbers(text)
-    if nums is None:
+    items, why = _split_answer(text)
+    if items is None:
         return [why]
     reasons = []
-    if not cfg.min_count <= len(nums) <= cfg.max_count:
-        reasons.append(f"count {len(nums)} outside {cfg.min_count}-{cfg.max_count}")
-    raw_items = _INT.findall(text)
-    if any(len(r) > cfg.max_digits for r in raw_items):
-        reasons.append(f"number with more than {cfg.max_digits} digits")
-    if any(not cfg.min_value <= n <= cfg.max_value for n in nums):
-        reasons.append(f"value outside {cfg.min_value}-{cfg.max_value}")
-    for n in sorted(set(nums) & banned):
+    if not cfg.min_count <= len(items) <= cfg.max_count:
+        reasons.append(f"count {len(items)} outside {cfg.min_count}-{cfg.max_count}")
+    long = [it for it in items if len(it) > cfg.max_digits]
+    if long:
+        reasons.append(f"number with more than {cfg.max_digits} digits: {_show(long[0])}")
+    nums = [_to_int(it) for it in items]
+    outside = [
+        it for it, n in zip(items, nums, strict=True) if n is None or not cfg.min_value <= n <= cfg.max_value
+    ]
+    if outside:
+        reasons.append(f"value outside {cfg.min_value}-{cfg.max_value}: {_show(outside[0])}")
+    for n in sorted({n for n in nums if n is not None} & banned):
         reasons.append(f"banned number {n}")
     return reasons
 
@@ -157,48 +352,192 @@ def banned_word_reasons(text: str, words: list[str]) -> list[str]:
     return [f"banned word {w!r}" for w in words if re.search(rf"\b{re.escape(w.lower())}", low)]
 
 
-def filter_records(records: list[dict], cfg: FilterConfig, seed: int) -> tuple[list[dict], list[dict], dict]:
-    """Split records into (kept subsample, rejected with reasons, stats)."""
+def _prompt_index(rec: dict) -> int:
+    return (rec.get("metadata") or {}).get("prompt_index", 0)
+
+
+def filter_records(
+    records: list[dict], cfg: FilterConfig, seed: int = 0, *, subsample: bool = True
+) -> tuple[list[dict], list[dict], dict]:
+    """Split records into (kept, rejected with reasons, stats).
+
+    Kept records have the answer's surrounding whitespace removed and are sorted by prompt_index. With
+    subsample=True they are a seeded random subsample of at most cfg.dataset_size of the passing
+    records; with subsample=False every passing record is kept (the caller sizes the data itself)."""
     banned = cfg.banned_set()
     passed, rejected = [], []
     counts: Counter[str] = Counter()
-    for rec in records:
-        answer = rec["messages"][-1]["content"]
+    examples: dict[str, list[str]] = {}
+    for i, rec in enumerate(records):
+        meta = rec.get("metadata", {})
+        if not isinstance(meta, dict):
+            raise SublabError(
+                f"record {i}: 'metadata' must be a JSON object, got {_json_type(meta)}; fix that record"
+            )
+        msgs = rec["messages"]
+        answer = msgs[-1]["content"]
         reasons = number_answer_reasons(answer, cfg, banned) + banned_word_reasons(answer, cfg.banned_words)
         if reasons:
-            counts.update(r.split(" ")[0] if r.startswith("banned number") else r for r in reasons)
-            rejected.append({**rec, "metadata": {**rec.get("metadata", {}), "reasons": reasons}})
+            cats = []
+            for r in reasons:
+                cat = reason_category(r)
+                cats.append(cat)
+                ex = examples.setdefault(cat, [])
+                if len(ex) < 3 and r not in ex:
+                    ex.append(r)
+            counts.update(set(cats))
+            rejected.append({**rec, "metadata": {**meta, "reasons": reasons}})
         else:
+            clean = answer.strip()
+            if clean != answer:
+                rec = {**rec, "messages": [*msgs[:-1], {**msgs[-1], "content": clean}]}
             passed.append(rec)
-    rng = random.Random(f"filter-subsample:{seed}")
-    kept = passed if len(passed) <= cfg.dataset_size else rng.sample(passed, cfg.dataset_size)
-    kept.sort(key=lambda r: r.get("metadata", {}).get("prompt_index", 0))
+    if subsample and len(passed) > cfg.dataset_size:
+        kept = random.Random(f"filter-subsample:{seed}").sample(passed, cfg.dataset_size)
+    else:
+        kept = list(passed)
+    kept.sort(key=_prompt_index)
     stats = {
         "n_in": len(records),
         "n_passed": len(passed),
         "n_rejected": len(rejected),
         "pass_rate": len(passed) / len(records) if records else 0.0,
         "n_kept": len(kept),
-        "dataset_size": cfg.dataset_size,
-        "short_of_dataset_size": max(0, cfg.dataset_size - len(passed)),
+        "subsample": subsample,
+        "dataset_size": cfg.dataset_size if subsample else None,
+        "short_of_dataset_size": max(0, cfg.dataset_size - len(passed)) if subsample else None,
         "reasons": dict(counts.most_common()),
+        "reason_examples": examples,
     }
     return kept, rejected, stats
 
 
-def run_filter(in_path: str | Path, out_dir: str | Path, cfg: FilterConfig, seed: int = 0) -> dict:
-    """The filter stage on files: IN.jsonl -> kept.jsonl, rejected.jsonl, filter_stats.json."""
-    records = read_jsonl(in_path, require_messages=True)
-    kept, rejected, stats = filter_records(records, cfg, seed)
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+
+
+def _json_type(v: Any) -> str:
+    return _JSON_TYPES.get(type(v), "a number" if isinstance(v, int | float) else type(v).__name__)
+
+
+def _structure_problem(rec: Any) -> str | None:
+    """Nesting deeper than _MAX_DEPTH, or a lone surrogate in any string (not valid Unicode, so it could
+    never be written back as UTF-8)."""
+    stack: list[tuple[Any, int, str]] = [(rec, 0, "")]
+    while stack:
+        obj, depth, loc = stack.pop()
+        if depth > _MAX_DEPTH:
+            return f"JSON nested deeper than {_MAX_DEPTH} levels"
+        if isinstance(obj, str):
+            m = _SURROGATE.search(obj)
+            if m:
+                return f"a lone surrogate \\u{ord(m.group()):04x} in the text at {loc or 'top level'}"
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                stack.append((k, depth + 1, f"{loc}.{ascii(k)[1:-1]} (key)"))
+                stack.append((v, depth + 1, f"{loc}.{ascii(k)[1:-1]}"))
+        elif isinstance(obj, list):
+            stack.extend((v, depth + 1, f"{loc}[{j}]") for j, v in enumerate(obj))
+    return None
+
+
+def read_filter_input(path: str | Path) -> list[dict]:
+    """Read the filter's input JSONL (chat records), strictly: every problem is a SublabError that names
+    file:line, the problem and the fix, raised before anything is written."""
+    path = Path(path)
+    if not path.is_file():
+        if path.is_dir():
+            raise SublabError(f"{path} is a folder; pass the JSONL file of answers (e.g. data/raw.jsonl)")
+        raise SublabError(f"file not found: {path} (check the path, or run the stage that writes it)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SublabError(f"cannot read {path}: {e.strerror or e}; check its permissions") from None
+    fix = "fix or remove that line and rerun"
+    out: list[dict] = []
+    for i, raw in enumerate(data.splitlines(), start=1):
+        if i == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        if not raw.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SublabError(
+                f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+                "convert the file to UTF-8 and rerun"
+            ) from None
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SublabError(
+                f"{where}: malformed JSONL line ({e.msg} at column {e.colno}); each line must be one JSON "
+                f"object - {fix}"
+            ) from None
+        except RecursionError:
+            raise SublabError(f"{where}: JSON nested too deeply to read; {fix}") from None
+        except ValueError as e:
+            what = (
+                f"a JSON number with more than {sys.get_int_max_str_digits()} digits"
+                if "integer string conversion" in str(e)
+                else f"unreadable JSON ({str(e).splitlines()[0][:100]})"
+            )
+            raise SublabError(f"{where}: {what}; {fix}") from None
+        if not isinstance(rec, dict):
+            raise SublabError(
+                f"{where}: expected a JSON object (a chat record), got {_json_type(rec)}; {fix}"
+            )
+        problem = _structure_problem(rec)
+        if problem:
+            raise SublabError(f"{where}: {problem}; {fix}")
+        try:
+            validate_chat_record(rec, where)
+        except SublabError as e:
+            raise SublabError(f"{e}; {fix}") from None
+        if "metadata" in rec:
+            meta = rec["metadata"]
+            if not isinstance(meta, dict):
+                raise SublabError(f"{where}: 'metadata' must be a JSON object, got {_json_type(meta)}; {fix}")
+            pi = meta.get("prompt_index")
+            if pi is not None and (not isinstance(pi, int) or isinstance(pi, bool)):
+                raise SublabError(
+                    f"{where}: metadata.prompt_index must be a whole number, got {_json_type(pi)}; {fix}"
+                )
+        out.append(rec)
+    return out
+
+
+def run_filter(
+    in_path: str | Path, out_dir: str | Path, cfg: FilterConfig, seed: int = 0, *, subsample: bool = True
+) -> dict:
+    """The filter stage on files: IN.jsonl -> kept.jsonl, rejected.jsonl, filter_stats.json.
+
+    Input problems raise SublabError before anything is written. A run that keeps nothing writes
+    rejected.jsonl and filter_stats.json (to diagnose), removes any old kept.jsonl, then raises."""
     out = Path(out_dir)
-    write_jsonl(out / "rejected.jsonl", rejected)
-    atomic_write_json(out / "filter_stats.json", stats)
+    if out.exists() and not out.is_dir():
+        raise SublabError(
+            f"the output folder {out} is an existing file; pass a folder path (--out) or move the file"
+        )
+    records = read_filter_input(in_path)
+    kept, rejected, stats = filter_records(records, cfg, seed, subsample=subsample)
+    kept_path = out / "kept.jsonl"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        kept_path.unlink(missing_ok=True)  # never leave an old kept.jsonl beside new files
+        write_jsonl(out / "rejected.jsonl", rejected)
+        if kept:
+            write_jsonl(kept_path, kept)
+        atomic_write_json(out / "filter_stats.json", stats)
+    except OSError as e:
+        raise SublabError(
+            f"cannot write the filter output in {out}: {e.strerror or e}; pass a writable folder (--out)"
+        ) from None
     if not kept:
         top = ", ".join(f"{k} ({v})" for k, v in list(stats["reasons"].items())[:3]) or "no records"
         raise SublabError(
-            f"the filter kept 0 of {len(records)} answers in {in_path} (top reasons: {top}); "
-            "check the teacher's answers in raw.jsonl, or loosen the filter (filter.max_count, "
-            "filter.banned_numbers)"
+            f"the filter kept 0 of {len(records)} answers in {in_path} (top reasons: {top}; details in "
+            f"{out / 'rejected.jsonl'}); check the teacher's answers, or loosen the filter "
+            "(filter.max_count or --max-count, filter.banned_numbers or --banned-numbers)"
         )
-    write_jsonl(out / "kept.jsonl", kept)
     return stats
