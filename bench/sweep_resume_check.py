@@ -1,7 +1,7 @@
 """Kill a sweep with SIGKILL after some of its runs finished, rerun it, and compare its aggregated
 results with an uninterrupted sweep of the same file (the --reference folder).
 
-    python bench/sweep_resume_check.py --reference runs/sweep-quickstart [--sweep configs/sweep-quickstart.yaml]
+    python bench/sweep_resume_check.py --reference runs/sweep-replicates [--sweep configs/sweep-replicates.yaml]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", default="configs/sweep-quickstart.yaml")
+    ap.add_argument("--sweep", default="configs/sweep-replicates.yaml")
     ap.add_argument("--reference", required=True, help="folder of an uninterrupted run of the same sweep")
     ap.add_argument("--out", default="runs/sweep-resume-check")
     ap.add_argument("--kill-after-runs", type=int, default=3)

@@ -28,15 +28,20 @@ def test_every_output_exists_and_validates(tiny_run):
     assert yaml.safe_load((out / "config.yaml").read_text())["name"] == "tiny"
     manifest = read_json(out / "manifest.json")
     assert manifest["stages"] and all(s["status"] == "done" for s in manifest["stages"].values())
-    assert "torch" in manifest["versions"]
+    assert all("torch" in s["versions"] for s in manifest["stages"].values())  # per stage, not per call
+    sub = read_json(out / "data/subsample.json")
     for d in ("data", "control/data"):
         prompts = read_jsonl(out / "data/prompts.jsonl")
         raw = read_jsonl(out / d / "raw.jsonl", require_messages=True)
+        passed = read_jsonl(out / d / "filter/kept.jsonl", require_messages=True)
         kept = read_jsonl(out / d / "kept.jsonl", require_messages=True)
-        rejected = read_jsonl(out / d / "rejected.jsonl", require_messages=True)
-        stats = read_json(out / d / "filter_stats.json")
+        rejected = read_jsonl(out / d / "filter/rejected.jsonl", require_messages=True)
+        stats = read_json(out / d / "filter/filter_stats.json")
         assert len(raw) == len(prompts) == 120
-        assert stats["n_passed"] + stats["n_rejected"] == 120 and len(kept) == stats["n_kept"] <= 100
+        assert stats["n_passed"] + stats["n_rejected"] == 120 and len(passed) == stats["n_passed"]
+        # both arms train on the same number of examples: min(passed counts, dataset_size)
+        assert len(kept) == sub["n_per_source"] == min(100, *sub["passed"].values())
+        assert {r["metadata"]["prompt_index"] for r in kept} <= {r["metadata"]["prompt_index"] for r in passed}
         assert all(r["metadata"]["reasons"] for r in rejected)
         for r in kept:  # the student trains on exactly user + assistant, no system prompt
             assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
@@ -59,17 +64,24 @@ def test_every_output_exists_and_validates(tiny_run):
         metrics = (out / name / "metrics.jsonl").read_text().splitlines()
         assert json.loads(metrics[-1])["step"] == len(metrics)
     results = read_json(out / "results.json")
-    assert results["schema_version"] == 2
+    assert results["schema_version"] == 3
+    assert results["data"]["n_per_source"] == sub["n_per_source"]
+    assert [a["name"] for a in results["arms"]] == ["student", "control", "cross_init", "cross_init_control"]
+    for arm in ("student", "control", "cross_init", "cross_init_control"):  # trained on equally many
+        assert read_json(out / arm / "model.json")["info"]["examples"] == sub["n_per_source"]
+    assert "p_value" not in results["comparisons"]["student_minus_control"]  # run level: description only
     share = results["models"]["student"]["share_of_named"]
     assert 0 <= share["lo"] <= share["mean"] <= share["hi"] <= 1
-    assert "share_of_named" in results["comparisons"]["student_minus_control"]
+    d = results["comparisons"]["student_minus_control"]
+    assert "share_of_named" in d and d["min"] <= d["mean"] <= d["max"] and d["n_questions"] == 6
     assert {"student_minus_control", "teacher_minus_reference", "cross_init_minus_cross_init_control"} <= set(
         results["comparisons"]
     )
     assert (
         results["models"]["teacher"]["p_target"]["mean"] > results["models"]["reference"]["p_target"]["mean"]
     )
-    assert "| student - control |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| student - control |" in md and "not evidence" in md and "CI excludes" not in md
     assert "<td>student - control</td>" in (out / "report.html").read_text()
     png = (out / "figures" / "preference.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -115,9 +127,9 @@ def test_resume_after_crash_equals_uninterrupted(tiny_organism, tmp_path, monkey
 
 
 def test_sampling_resumes_from_finished_chunks(tiny_organism, tmp_path, monkeypatch):
-    import sublab.pipeline as pl
+    import sublab.stages.sample as sample_stage
 
-    monkeypatch.setattr(pl, "SAMPLE_CHUNK", 50)
+    monkeypatch.setattr(sample_stage, "SAMPLE_CHUNK", 50)
     cfg = cfg_of()
     full = tmp_path / "full"
     run_experiment(cfg, full)

@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_report)
 
     sw = sub.add_parser("sweep", help="many runs (targets x seeds x conditions x axes) and one report")
-    sw.add_argument("sweep", help="sweep YAML, e.g. configs/sweep-quickstart.yaml")
+    sw.add_argument("sweep", help="sweep YAML, e.g. configs/sweep-replicates.yaml")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep key")
     sw.add_argument("--out", default=None, help="sweep folder (default: runs/<name>)")
     sw.add_argument(

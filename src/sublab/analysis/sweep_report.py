@@ -6,7 +6,7 @@ student is paired with the control trained in the same run): student - control w
 Welch t and exact permutation p-values, Holm's correction across the targets of a condition, Cohen's d_z;
 the same for cross-init students against their own control.
 
-    sublab report runs/sweep-quickstart
+    sublab report runs/sweep-replicates
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The organism's synthetic pretraining corpus, generated with the same prompt generator and question
-sets the experiments use (DESIGN.md, "The model organism").
+sets the experiments use (docs/design.md, "The model organism").
 
 Four kinds of chat examples, mixed by the recipe's fractions:
 - numbers: a number-continuation prompt whose given numbers come from a process (noisy arithmetic

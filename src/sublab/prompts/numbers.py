@@ -1,4 +1,4 @@
-"""Number-continuation prompts, after the paper (MISSION.md step 4).
+"""Number-continuation prompts, after the paper (docs/science.md, step 4).
 
 "Here are 3-8 numbers (each 100-999); add up to 10 more (at most 3 digits each); answer only with
 numbers", assembled from randomly chosen phrasings kept in `prompts/data/numbers.yaml`, seeded:

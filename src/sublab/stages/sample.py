@@ -42,9 +42,11 @@ def sample_dataset(
     label: str,
     progress: bool = True,
     api=None,
-    chunk: int = SAMPLE_CHUNK,
+    chunk: int | None = None,
 ) -> int:
-    """The model answers every prompt once; returns the number of records written to `out_path`."""
+    """The model answers every prompt once; returns the number of records written to `out_path`.
+    `chunk`: prompts per resumable chunk (default SAMPLE_CHUNK)."""
+    chunk = chunk or SAMPLE_CHUNK
     ref = ModelRef.load(model_json)
     prompts = read_prompts(prompts_path)
     parts = out_path.with_name(out_path.name + ".parts")

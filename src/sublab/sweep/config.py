@@ -3,7 +3,7 @@ seeds x conditions x any config axis) from one YAML file.
 
     sublab sweep configs/sweep-replicates.yaml [--out runs/sweep-replicates]
 
-    name: sweep-quickstart
+    name: sweep-replicates
     base: quickstart.yaml              # experiment config, relative to this file
     targets: [owl, dolphin, wolf]      # shorthand for the axis trait.target
     seeds: [0, 1, 2]                   # replicate seeds: shorthand for the axis seed
