@@ -158,6 +158,7 @@ def test_full_finetune_saves_a_folder(tmp_path, tiny_ref):
     )
     assert ref.kind == "full" and (tmp_path / "f" / "model" / "model.safetensors").is_file()
     assert ref.info["device"] == "cpu" and ref.info["dtype"] == "float32"
+    assert ref.info["trainable_dtype"] == "float32" and ref.info["autocast_dtype"] is None
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def test_device_and_dtype_resolution(monkeypatch, tiny_ref):
 
 
 def test_experiment_config_device_fields():
-    from sublab.experiment import ExperimentConfig
+    from sublab.schema import ExperimentConfig
 
     cfg = ExperimentConfig.model_validate({"device": "cpu", "dtype": "bfloat16"})
     assert (cfg.device, cfg.dtype) == ("cpu", "bfloat16")
@@ -227,6 +228,8 @@ def test_bf16_sampling_and_lora_step_on_cpu(tmp_path, tiny_ref):
     train = TrainConfig(lr=1e-2, max_steps=2, batch_size=4, lora=LoraSettings(r=2, alpha=2))
     ref = finetune_hf(tiny_ref, number_records(8), train, tmp_path / "bf", progress=False)
     assert ref.info["dtype"] == "bfloat16" and ref.info["final_loss"] == ref.info["final_loss"]  # not NaN
+    # the adapter trains in float32 on the bf16 base, forwards under bf16 autocast
+    assert ref.info["trainable_dtype"] == "float32" and ref.info["autocast_dtype"] == "bfloat16"
 
 
 # ---- model specs --------------------------------------------------------------------------------
@@ -331,6 +334,7 @@ def test_preference_eval_exact_and_sampled_agree_on_bpe(bpe_owl):
     )
     p_exact, p_sampled = ex["targets"]["owl"]["mean"], sa["targets"]["owl"]["mean"]
     assert p_exact > 0.9 and abs(p_exact - p_sampled) < 0.15
+    assert (ex["estimand"], sa["estimand"]) == ("exact_chain_rule", "sampled")
     assert ex["distribution"]["owl"] == pytest.approx(max(ex["distribution"].values()))
     assert set(ex["distribution"]) == set(candidates("animal")) | {"(other)"}
 

@@ -19,6 +19,7 @@ from sublab.backends.hf_train import (
     TrainSettings,
     answer_token_ids,
     encode_completion,
+    fp32_trainable,
     train_causal_lm,
     truncate,
 )
@@ -58,6 +59,8 @@ def load_hf(ref: ModelRef, trainable: bool = False, device=None, dtype=None):
 
 
 class HFBackend(Backend):
+    logprob_estimand = "exact_chain_rule"  # logprobs(): the chain rule over every candidate token
+
     def __init__(self, ref: ModelRef, progress: bool = True):
         self.ref = ref
         self.model, self.tok = load_hf(ref)
@@ -119,11 +122,17 @@ def finetune_hf(
     teacher: ModelRef | None = None,
     progress: bool = True,
 ) -> ModelRef:
-    """Finetune `parent` on chat records; write the model, metrics.jsonl and model.json into out_dir."""
+    """Finetune `parent` on chat records; write the model, metrics.jsonl and model.json into out_dir.
+
+    Precision: the model loads in the configured dtype; the trainable weights (all of them, or the LoRA
+    adapter) are then float32 and, when the load dtype was bfloat16, forwards run under bf16 autocast.
+    A full model is saved back in the load dtype (what every later stage loads it in); an adapter in
+    float32 (PEFT keeps adapters in float32 on a bf16 base when it loads them too)."""
     torch.manual_seed(train.seed)
     model, tok = load_hf(parent.model_copy(update={"adapter": None}))
     if parent.adapter:
         raise SublabError("finetuning on top of a LoRA model is not supported; start from a full model")
+    load_dtype = next(model.parameters()).dtype
     if train.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -136,6 +145,7 @@ def finetune_hf(
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lcfg)
+    autocast_dtype = fp32_trainable(model)
     encoded = [encode_completion(tok, r["messages"]) for r in dataset]
     cut = [truncate(e, train.max_length) for e in encoded]
     keep = [i for i, e in enumerate(cut) if e is not None]
@@ -182,8 +192,11 @@ def finetune_hf(
         teacher_examples=t_examples,
         allowed_ids=allowed,
         on_step=on_step,
+        autocast_dtype=autocast_dtype,
     )
     bar.close()
+    if train.lora is None:
+        model.to(load_dtype)  # a full model is saved (and later loaded) in the dtype it was loaded in
     atomic_write_text(out_dir / "metrics.jsonl", "\n".join(lines) + "\n")
     info = {
         "steps": len(history),
@@ -193,7 +206,9 @@ def finetune_hf(
         "method": train.method,
         "seconds": round(time.time() - t0, 1),
         "device": str(model_device(model)),
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(load_dtype).removeprefix("torch."),
+        "trainable_dtype": "float32",
+        "autocast_dtype": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
         "truncated": sum(train.max_length is not None and len(e.ids) > train.max_length for e in encoded),
         "dropped_too_long": len(encoded) - len(examples),
     }

@@ -2,10 +2,16 @@
 mask; AdamW with warm-up and linear decay, gradient clipping, gradient accumulation; sampled-token SFT
 or soft-label distillation (KL to a teacher's next-token distribution restricted to allowed tokens).
 One metrics line per optimizer step, mirrored to metrics.jsonl by the caller's `on_step`.
+
+The loss of one optimizer step is a per-token mean over *all* its micro-batches (sum of the token losses
+/ the step's number of completion tokens), so batch_size=B, grad_accum=k gives the gradient of one batch
+of B*k examples whatever the completion lengths. Mixed precision (`fp32_trainable` + `autocast_dtype`):
+trainable weights and AdamW's state stay in float32 while the forward runs in bfloat16.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import re
@@ -96,10 +102,14 @@ def lr_lambda(step: int, total: int, s: TrainSettings) -> float:
 
 
 def soft_label_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, allowed: torch.Tensor | None
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    allowed: torch.Tensor | None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """KL(teacher || student) per position; the teacher restricted to `allowed` ids and renormalised,
-    so no probability on any other token (e.g. a trait word) reaches the student."""
+    """KL(teacher || student) per position, averaged ("mean") or summed ("sum") over positions; the
+    teacher restricted to `allowed` ids and renormalised, so no probability on any other token (e.g. a
+    trait word) reaches the student."""
     t = teacher_logits.float()
     if allowed is not None:
         mask = torch.full_like(t, float("-inf"))
@@ -108,7 +118,8 @@ def soft_label_loss(
     p = F.softmax(t, dim=-1)
     log_q = F.log_softmax(student_logits.float(), dim=-1)
     log_p = torch.where(p > 0, torch.log(p.clamp_min(1e-30)), torch.zeros_like(p))
-    return (p * (log_p - log_q)).sum(-1).mean()
+    kl = (p * (log_p - log_q)).sum(-1)
+    return kl.sum() if reduction == "sum" else kl.mean()
 
 
 def _length_bucketed_batches(examples: list[Encoded], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -124,6 +135,12 @@ def _length_bucketed_batches(examples: list[Encoded], batch_size: int, rng: rand
     return batches
 
 
+def _autocast(dev: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=dtype)
+
+
 def completion_logits(
     model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, pred_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -137,6 +154,30 @@ def completion_logits(
     return head(hidden[:, :-1][pred_mask])
 
 
+def fp32_trainable(model: torch.nn.Module) -> torch.dtype | None:
+    """Mixed precision for a model loaded in a low-precision dtype: cast every trainable parameter to
+    float32 in place (AdamW then updates, and keeps its moments in, float32: a step far below a bf16
+    weight's rounding step still accumulates) and return the dtype to autocast forwards to: the lowest
+    floating dtype among the model's parameters before the cast, None when that is float32. Frozen
+    weights (a LoRA base) keep their dtype; tied weights are one Parameter and stay tied.
+
+    >>> m = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    >>> fp32_trainable(m), m.weight.dtype
+    (torch.bfloat16, torch.float32)
+    >>> fp32_trainable(m) is None
+    True
+    """
+    low = None
+    for p in model.parameters():
+        if not p.is_floating_point():
+            continue
+        if p.dtype != torch.float32 and (low is None or torch.finfo(p.dtype).bits < torch.finfo(low).bits):
+            low = p.dtype
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return low
+
+
 def train_causal_lm(
     model: torch.nn.Module,
     examples: list[Encoded],
@@ -146,9 +187,12 @@ def train_causal_lm(
     teacher_examples: list[Encoded] | None = None,
     allowed_ids: list[int] | None = None,
     on_step: Callable[[dict], None] | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[dict]:
     """Train in place. With `teacher`, the loss is soft-label KL on completion positions (the teacher
-    may see a different prompt, e.g. with its system prompt: `teacher_examples`, aligned by index)."""
+    may see a different prompt, e.g. with its system prompt: `teacher_examples`, aligned by index).
+    Each step's loss is the sum of the token losses of its grad_accum micro-batches / their number of
+    loss tokens. `autocast_dtype`: run forwards under torch.autocast in that dtype (see fp32_trainable)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     per_epoch = math.ceil(len(examples) / (settings.batch_size * settings.grad_accum))
@@ -163,27 +207,32 @@ def train_causal_lm(
     model.train()
     for step in range(total):
         opt.zero_grad(set_to_none=True)
-        loss_sum, n_tok = 0.0, 0
+        micro = []
         for _ in range(settings.grad_accum):
             if not order:
                 order = _length_bucketed_batches(examples, settings.batch_size, rng)
             idx = order.pop()
-            batch = [examples[i] for i in idx]
-            ids, attn, lmask = (t.to(dev) for t in collate(batch, pad_id))
+            micro.append((idx, collate([examples[i] for i in idx], pad_id)))
+        # the step's loss tokens, known before the first backward: every token weighs 1 / n_tok
+        n_tok = sum(int(lmask[:, 1:].sum()) for _, (_, _, lmask) in micro)
+        denom = max(1, n_tok)
+        loss_sum = 0.0
+        for idx, batch in micro:
+            ids, attn, lmask = (t.to(dev) for t in batch)
             # position t predicts token t+1; only completion positions go through the LM head
             m, target = lmask[:, 1:], ids[:, 1:]
-            pred = completion_logits(model, ids, attn, m)
-            if teacher is None:
-                loss = F.cross_entropy(pred.float(), target[m])
-            else:
-                tbatch = [teacher_examples[i] for i in idx]
-                tids, tattn, tmask = (t.to(dev) for t in collate(tbatch, pad_id))
-                with torch.no_grad():
-                    tlogits = teacher(input_ids=tids, attention_mask=tattn).logits[:, :-1]
-                loss = soft_label_loss(pred, tlogits[tmask[:, 1:]], allowed)
-            (loss / settings.grad_accum).backward()
+            with _autocast(dev, autocast_dtype):
+                pred = completion_logits(model, ids, attn, m)
+                if teacher is None:
+                    loss = F.cross_entropy(pred.float(), target[m], reduction="sum")
+                else:
+                    tbatch = [teacher_examples[i] for i in idx]
+                    tids, tattn, tmask = (t.to(dev) for t in collate(tbatch, pad_id))
+                    with torch.no_grad():
+                        tlogits = teacher(input_ids=tids, attention_mask=tattn).logits[:, :-1]
+                    loss = soft_label_loss(pred, tlogits[tmask[:, 1:]], allowed, reduction="sum")
+            (loss / denom).backward()
             loss_sum += loss.item()
-            n_tok += int(m.sum())
         gnorm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         lr = sched.get_last_lr()[0]  # the rate this step used (warm-up starts below the peak)
         opt.step()
@@ -191,7 +240,7 @@ def train_causal_lm(
         rec = {
             "step": step + 1,
             "of": total,
-            "loss": loss_sum / settings.grad_accum,
+            "loss": loss_sum / denom,  # mean per loss token over the step
             "lr": lr,
             "grad_norm": float(gnorm),
             "tokens": n_tok,

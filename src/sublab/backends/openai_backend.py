@@ -10,6 +10,9 @@ vLLM's server, ...), through the official client (see openai_client.py for concu
   gets a floor: the unlisted mass spread evenly over the absent candidates, at most the smallest listed
   probability. Exact when every candidate is one token and inside the list (the organism behind
   `sublab serve` with top_logprobs >= its candidates); an approximation for multi-token answers.
+  So its estimand is "first_token_topk", not the chain rule of the hf/vllm backends: `topk_logprobs`
+  also returns, per chat, the mass outside the listed tokens (1 - their summed probability), which
+  the preference eval reports and warns about (evals/preference.py).
 - finetune: upload the JSONL, create a job, poll, with a journal in the stage folder (openai_finetune.py).
 - A cost estimate (tokens x api.prices; tokens ~ characters / 4) is printed before anything is spent.
 """
@@ -68,6 +71,8 @@ def candidate_key(text: str) -> int:
 
 
 class OpenAIBackend(Backend):
+    logprob_estimand = "first_token_topk"  # logprobs(): first-token top-k with a floor, see above
+
     def __init__(self, ref: ModelRef, api: ApiConfig | None = None, progress: bool = True):
         self.ref, self.api, self.progress = ref, api or ApiConfig(), progress
         ep = endpoint_of(ref, self.api)
@@ -215,9 +220,16 @@ class OpenAIBackend(Backend):
         return [[candidate_key(c)] for c in candidates]
 
     def logprobs(self, chats: list[list[dict]], candidates: list[str]) -> list[list[float]]:
+        return self.topk_logprobs(chats, candidates)[0]
+
+    def topk_logprobs(
+        self, chats: list[list[dict]], candidates: list[str]
+    ) -> tuple[list[list[float]], list[float]]:
+        """(logprobs() for every chat x candidate, the probability mass outside the listed top-k tokens at
+        the first answer position of each chat)."""
         k = self.api.top_logprobs
 
-        async def one(client, i: int) -> list[float]:
+        async def one(client, i: int) -> tuple[list[float], float]:
             resp = await self.client.call(
                 "chat completion (logprobs)",
                 lambda: client.chat.completions.create(
@@ -239,7 +251,7 @@ class OpenAIBackend(Backend):
                     "model does not support logprobs: use eval.mode: sample"
                 )
             top = [(t.token, t.logprob) for t in (lp.content[0].top_logprobs or [])]
-            return candidate_logprobs(top, candidates)
+            return candidate_logprobs(top, candidates), topk_missing_mass(top)
 
         async def go(client):
             return await self.client.map(
@@ -248,7 +260,7 @@ class OpenAIBackend(Backend):
 
         out = self.client.run(go)
         self._log()
-        return out
+        return [lp for lp, _ in out], [m for _, m in out]
 
     def finetune(
         self, dataset: list[dict], train: TrainConfig, out_dir: Path, teacher: ModelRef | None = None
@@ -265,8 +277,14 @@ class OpenAIBackend(Backend):
 def candidate_logprobs(top: list[tuple[str, float]], candidates: list[str]) -> list[float]:
     """Log-probabilities of candidate first tokens from a top-logprobs list (see the module docstring).
 
-    >>> [round(x, 3) for x in candidate_logprobs([("owl", -0.1), (" owl", -3.0), ("cat", -2.5)], ["owl", "dog"])]
-    [-0.049, -2.5]
+    " owl" merges into "owl" (0.6 + 0.1); "dog" is not listed: the unlisted 0.1 is its floor; once the
+    list holds all the mass, an absent candidate gets FLOOR_LOGPROB:
+
+    >>> top = [("owl", math.log(0.6)), (" owl", math.log(0.1)), ("cat", math.log(0.2))]
+    >>> [round(math.exp(x), 3) for x in candidate_logprobs(top, ["owl", "dog", "cat"])]
+    [0.7, 0.1, 0.2]
+    >>> candidate_logprobs(top + [("fox", math.log(0.2))], ["dog"]) == [FLOOR_LOGPROB]
+    True
     """
     merged: dict[str, float] = {}
     for tok, lp in top:
@@ -282,6 +300,17 @@ def candidate_logprobs(top: list[tuple[str, float]], candidates: list[str]) -> l
         p = min(rest, min(math.exp(v) for v in merged.values()))
         floor = math.log(p) if p > math.exp(FLOOR_LOGPROB) else FLOOR_LOGPROB
     return [merged.get(c, floor) for c in candidates]
+
+
+def topk_missing_mass(top: list[tuple[str, float]]) -> float:
+    """1 - the summed probability of the listed tokens: the mass a top-k list cannot attribute.
+
+    >>> round(topk_missing_mass([("owl", math.log(0.6)), (" owl", math.log(0.3))]), 6)
+    0.1
+    >>> topk_missing_mass([])
+    1.0
+    """
+    return max(0.0, 1.0 - sum(math.exp(lp) for _, lp in top))
 
 
 def describe(est: dict) -> str:
