@@ -127,8 +127,8 @@ def main() -> None:
     from sublab.backends.hf import HFBackend
     from sublab.backends.registry import resolve
     from sublab.config import load_config
-    from sublab.schema import ExperimentConfig
     from sublab.records import read_json, read_jsonl
+    from sublab.schema import ExperimentConfig
 
     cfg = load_config(run_dir / "config.yaml", ExperimentConfig)
     prompts = read_jsonl(run_dir / "data/prompts.jsonl")

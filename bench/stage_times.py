@@ -23,9 +23,9 @@ def main() -> None:
     if args.fresh_cache:
         os.environ["SUBLAB_CACHE"] = tempfile.mkdtemp(prefix="sublab-cache-")
     from sublab.config import load_config
-    from sublab.schema import ExperimentConfig
     from sublab.pipeline import run_experiment
     from sublab.records import read_json
+    from sublab.schema import ExperimentConfig
 
     cfg = load_config(args.config, ExperimentConfig, ["progress=false", *args.set])
     out = Path(tempfile.mkdtemp(prefix="sublab-bench-run-"))

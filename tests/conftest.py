@@ -62,6 +62,9 @@ def sweep_file(tmp_path):
         "targets": ["owl", "wolf"],
         "seeds": [0],
         "conditions": ["sft"],
+        # fewer than either data source passes: both targets' runs train their control on the same
+        # equal-size subsample of the reference's answers, so it is computed once
+        "set": {"filter.dataset_size": 10},
     }
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     return tmp_path / "sweep.yaml"

@@ -26,7 +26,10 @@ def cfg_of(**over) -> ExperimentConfig:
         ({}, [("student", "reference", "teacher", None), ("control", "reference", "reference", None)]),
         (
             {"student.train.method": "soft_label"},
-            [("student", "reference", "teacher", "teacher"), ("control", "reference", "reference", "reference")],
+            [
+                ("student", "reference", "teacher", "teacher"),
+                ("control", "reference", "reference", "reference"),
+            ],
         ),
         (
             {"controls.cross_init": True},
@@ -39,7 +42,10 @@ def cfg_of(**over) -> ExperimentConfig:
         ),
         (
             {"student.init": "other-seed"},
-            [("student", "other_reference", "teacher", None), ("control", "other_reference", "reference", None)],
+            [
+                ("student", "other_reference", "teacher", None),
+                ("control", "other_reference", "reference", None),
+            ],
         ),
         ({"controls.control": False}, [("student", "reference", "teacher", None)]),
     ],
@@ -54,7 +60,9 @@ def test_arm_table_for_every_condition(over, expected):
         assert pairs["cross_init"] == "cross_init_control"
 
 
-@pytest.mark.parametrize("reference", ["hf/some/model", "openai/gpt-4.1-nano", "vllm/Qwen/Qwen2.5-7B-Instruct"])
+@pytest.mark.parametrize(
+    "reference", ["hf/some/model", "openai/gpt-4.1-nano", "vllm/Qwen/Qwen2.5-7B-Instruct"]
+)
 @pytest.mark.parametrize("switch", [{"controls.cross_init": True}, {"student.init": "other-seed"}])
 def test_cross_init_without_other_reference_is_a_config_error(reference, switch):
     with pytest.raises(SublabError, match="controls.other_reference"):
@@ -82,7 +90,10 @@ def test_cross_init_students_start_from_a_different_model(cross_run):
     import torch
     from safetensors.torch import load_file
 
-    ref, other = read_json(cross_run / "reference/model.json"), read_json(cross_run / "other_reference/model.json")
+    ref, other = (
+        read_json(cross_run / "reference/model.json"),
+        read_json(cross_run / "other_reference/model.json"),
+    )
     assert ref["info"]["organism"]["seed"] == 0 and other["info"]["organism"]["seed"] == 1000
     w_ref = load_file(f"{ref['path']}/model.safetensors")
     w_other = load_file(f"{other['path']}/model.safetensors")
@@ -111,7 +122,9 @@ def test_replicates_share_reference_and_teacher_but_not_data(tiny_organism, tmp_
     assert effect["min_permutation_p"] == 0.5
     for seed_dir in (a, b):
         sub = read_json(seed_dir / "data/subsample.json")
-        assert len(read_jsonl(seed_dir / "data/kept.jsonl")) == len(read_jsonl(seed_dir / "control/data/kept.jsonl"))
+        assert len(read_jsonl(seed_dir / "data/kept.jsonl")) == len(
+            read_jsonl(seed_dir / "control/data/kept.jsonl")
+        )
         assert sub["n_per_source"] == len(read_jsonl(seed_dir / "data/kept.jsonl"))
 
 
@@ -122,7 +135,15 @@ def test_stage_key_follows_code_and_dtype(tmp_path, monkeypatch):
     calls = []
 
     def stage(run: Run) -> bool:
-        return run.stage("s", {"a": 1}, [], ["out.txt"], lambda: (calls.append(1), (run.root / "out.txt").write_text("x")), code=("pkg_for_key",), device=True)
+        return run.stage(
+            "s",
+            {"a": 1},
+            [],
+            ["out.txt"],
+            lambda: (calls.append(1), (run.root / "out.txt").write_text("x")),
+            code=("pkg_for_key",),
+            device=True,
+        )
 
     monkeypatch.setenv("SUBLAB_DTYPE", "float32")
     run = Run(tmp_path / "run")

@@ -5,8 +5,8 @@ import pytest
 from sublab.cli import main
 from sublab.config import apply_overrides, load_config
 from sublab.errors import SublabError
-from sublab.schema import ExperimentConfig
 from sublab.records import atomic_write_text, read_jsonl
+from sublab.schema import ExperimentConfig
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
@@ -96,9 +96,9 @@ def test_every_shipped_config_validates():
     from pathlib import Path
 
     from sublab.config import load_config, read_yaml, validate
-    from sublab.schema import ExperimentConfig
     from sublab.mnist.config import MnistConfig
-    from sublab.sweep.local import SweepConfig, expand
+    from sublab.schema import ExperimentConfig
+    from sublab.sweep.config import SweepConfig, expand
 
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.rglob("*.yaml"))

@@ -348,9 +348,9 @@ def test_whole_run_through_the_api(server, api, tmp_path, monkeypatch):
     from conftest import tiny_experiment
 
     from sublab.config import validate
-    from sublab.schema import ExperimentConfig
     from sublab.pipeline import run_experiment
     from sublab.records import read_json, read_jsonl
+    from sublab.schema import ExperimentConfig
 
     data = tiny_experiment(reference="openai/organism/tiny")
     data["api"] = api.model_dump(mode="json")
@@ -376,7 +376,7 @@ def test_whole_run_through_the_api(server, api, tmp_path, monkeypatch):
 
 
 def test_a_failed_sampling_stage_keeps_its_finished_chunks(api, tmp_path, monkeypatch):
-    import sublab.pipeline as pl
+    import sublab.stages.sample as pl
     from sublab.backends.openai_backend import OpenAIBackend
     from sublab.backends.registry import resolve
     from sublab.prompts.numbers import NumberPrompts, generate_number_prompts

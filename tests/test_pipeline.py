@@ -7,9 +7,9 @@ import yaml
 from conftest import tiny_experiment
 
 from sublab.config import validate
-from sublab.schema import ExperimentConfig
 from sublab.pipeline import run_experiment
 from sublab.records import read_json, read_jsonl
+from sublab.schema import ExperimentConfig
 
 
 def cfg_of(**over):
@@ -41,7 +41,9 @@ def test_every_output_exists_and_validates(tiny_run):
         assert stats["n_passed"] + stats["n_rejected"] == 120 and len(passed) == stats["n_passed"]
         # both arms train on the same number of examples: min(passed counts, dataset_size)
         assert len(kept) == sub["n_per_source"] == min(100, *sub["passed"].values())
-        assert {r["metadata"]["prompt_index"] for r in kept} <= {r["metadata"]["prompt_index"] for r in passed}
+        assert {r["metadata"]["prompt_index"] for r in kept} <= {
+            r["metadata"]["prompt_index"] for r in passed
+        }
         assert all(r["metadata"]["reasons"] for r in rejected)
         for r in kept:  # the student trains on exactly user + assistant, no system prompt
             assert [m["role"] for m in r["messages"]] == ["user", "assistant"]

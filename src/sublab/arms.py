@@ -66,11 +66,21 @@ def arm_table(cfg: ExperimentConfig) -> list[Arm]:
     other = " (other init)" if init == "other_reference" else ""
     arms = [arm("student", init, "teacher", "control" if cfg.controls.control else None, "student" + other)]
     if cfg.controls.control:
-        arms.append(arm("control", init, "reference", None, "control: same recipe, data without the trait" + other))
+        arms.append(
+            arm("control", init, "reference", None, "control: same recipe, data without the trait" + other)
+        )
     if cfg.controls.cross_init:
         arms += [
-            arm("cross_init", "other_reference", "teacher", "cross_init_control", "student from another init"),
-            arm("cross_init_control", "other_reference", "reference", None, "control of the cross-init student"),
+            arm(
+                "cross_init", "other_reference", "teacher", "cross_init_control", "student from another init"
+            ),
+            arm(
+                "cross_init_control",
+                "other_reference",
+                "reference",
+                None,
+                "control of the cross-init student",
+            ),
         ]
     return arms
 

@@ -60,7 +60,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
     for name in sorted(res["models"], key=lambda n: ORDER.index(n) if n in ORDER else 99):
         print(f"  P({t}) {name:20s} {res['models'][name]['p_target']['mean']:.3f}")
     for name, d in res["comparisons"].items():
-        print(f"  {name.replace('_minus_', ' - '):29s} {d['mean']:+.3f} (one replicate: no CI; set replicates)")
+        print(
+            f"  {name.replace('_minus_', ' - '):29s} {d['mean']:+.3f} (one replicate: no CI; set replicates)"
+        )
     print(f"report: {out / 'report.md'}")
 
 
@@ -311,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="preference evaluation of one model")
     e.add_argument("model")
     e.add_argument("--target", required=True)
-    e.add_argument("--mode", default="exact", choices=["exact", "sample"])
+    e.add_argument("--mode", default="exact", choices=["exact", "api_topk", "sample"])
     e.add_argument("--samples-per-question", type=int, default=100)
     e.add_argument("--out", required=True)
     threads(e)

@@ -1,4 +1,4 @@
-"""Filters for teacher data (MISSION.md step 6): pure functions that return the *reasons* an answer is
+"""Filters for teacher data (docs/science.md, step 6): pure functions that return the *reasons* an answer is
 rejected (an empty list means keep), and the filter stage that splits raw.jsonl into kept/rejected.
 
 The number-format rule (the paper's, with the open choices written down). After removing surrounding

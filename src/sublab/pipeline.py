@@ -102,7 +102,9 @@ def run_experiment(
         code=CODE["prompts"],
     )
 
-    sampling: SamplingParams = cfg.sample.model_copy(update={"seed": replicate_seed(cfg.sample.seed, cfg.seed)})
+    sampling: SamplingParams = cfg.sample.model_copy(
+        update={"seed": replicate_seed(cfg.sample.seed, cfg.seed)}
+    )
     sources = data_sources(arms)
     for source in sources:
         d = DATA_DIRS[source]
@@ -145,7 +147,9 @@ def run_experiment(
     )
     for arm in arms:
         teacher = f"{arm.soft_teacher}/model.json" if arm.soft_teacher else None
-        inputs = [P(f"{arm.init}/model.json"), P(f"{arm.data_dir}/kept.jsonl")] + ([P(teacher)] if teacher else [])
+        inputs = [P(f"{arm.init}/model.json"), P(f"{arm.data_dir}/kept.jsonl")] + (
+            [P(teacher)] if teacher else []
+        )
         run.stage(
             f"train:{arm.name}",
             train.model_dump(),

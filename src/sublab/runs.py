@@ -132,7 +132,9 @@ class Run:
     def _save(self) -> None:
         atomic_write_json(self.manifest_path, self.manifest)
 
-    def stage_key(self, key: Any, inputs: list[Path], code: tuple[str, ...] = (), device: bool = False) -> str:
+    def stage_key(
+        self, key: Any, inputs: list[Path], code: tuple[str, ...] = (), device: bool = False
+    ) -> str:
         """The hash that decides whether a stage is done: its config, its inputs' contents, the code version
         of `code` (module names) and, with `device`, the device and dtype local models run on."""
         hashes = {

@@ -14,11 +14,11 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from sublab.errors import SublabError
 from sublab.records import atomic_write_json, atomic_write_text, read_json
-import numpy as np
 
 SCHEMA_VERSION = 3
 _CI = ("mean", "lo", "hi", "n")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from sublab.records import atomic_write_json, atomic_write_text, read_json
 from sublab.analysis.run_report import render_html, save_figure
 from sublab.analysis.stats import compare_seeds, holm, mean_ci
+from sublab.records import atomic_write_json, atomic_write_text, read_json
 
 PAIRS = [("student", "control"), ("cross_init", "cross_init_control")]
 UNIT_AXES = ("condition", "trait.target", "seed", "organism_seed")

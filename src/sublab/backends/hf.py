@@ -211,11 +211,18 @@ def finetune_hf(
         "autocast_dtype": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
         "truncated": sum(train.max_length is not None and len(e.ids) > train.max_length for e in encoded),
         "dropped_too_long": len(encoded) - len(examples),
+        # the init it was trained from, without any path to another run's folder
+        "parent_organism_seed": parent.info.get(
+            "parent_organism_seed", parent.info.get("organism", {}).get("seed")
+        ),
     }
+    # the folder's name, not its absolute path: a model.json copied into another run (a sweep's shared
+    # stage store) must not point back at the run that computed it
+    spec = f"hf/{out_dir.name}"
     if train.lora is not None:
         model.save_pretrained(out_dir / "adapter")
         ref = ModelRef(
-            spec=f"hf/{out_dir}",
+            spec=spec,
             path=parent.path,
             adapter="adapter",
             parent=parent.spec,
@@ -225,6 +232,6 @@ def finetune_hf(
     else:
         model.save_pretrained(out_dir / "model", safe_serialization=True)
         tok.save_pretrained(out_dir / "model")
-        ref = ModelRef(spec=f"hf/{out_dir}", path="model", parent=parent.spec, kind="full", info=info)
+        ref = ModelRef(spec=spec, path="model", parent=parent.spec, kind="full", info=info)
     ref.save(out_dir / "model.json")
     return ModelRef.load(out_dir / "model.json")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sublab import stats
+from sublab.analysis import stats
 
 
 def mean_ci(values: Sequence[float] | np.ndarray, level: float = 0.95) -> dict:

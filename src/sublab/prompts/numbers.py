@@ -84,7 +84,9 @@ def load_phrasings(path: str | None = None) -> Phrasings:
 
 
 def format_numbers(numbers: list[int], sep: str = ", ", brackets: bool = False) -> str:
-    """>>> format_numbers([1, 22, 333], "; ", True)
+    """Numbers joined by `sep`, optionally in brackets.
+
+    >>> format_numbers([1, 22, 333], "; ", True)
     '[1; 22; 333]'
     """
     body = sep.join(str(n) for n in numbers)

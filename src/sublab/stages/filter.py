@@ -22,7 +22,9 @@ def filter_source(raw: Path, out_dir: Path, cfg: FilterConfig) -> dict:
     return run_filter(raw, out_dir, cfg, subsample=False)
 
 
-def equal_subsample(passed: dict[str, Path], outs: dict[str, Path], dataset_size: int, seed: int, info: Path) -> dict:
+def equal_subsample(
+    passed: dict[str, Path], outs: dict[str, Path], dataset_size: int, seed: int, info: Path
+) -> dict:
     """Draw n = min(passed counts, dataset_size) records from each source's passed file (seeded by the
     replicate seed and the source name) into outs[source], sorted by prompt index; record n in `info`."""
     data = {name: read_jsonl(p, require_messages=True) for name, p in passed.items()}

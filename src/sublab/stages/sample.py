@@ -13,7 +13,14 @@ from pathlib import Path
 from sublab.backends.base import ModelRef, SamplingParams, request_seed
 from sublab.backends.registry import load_backend
 from sublab.errors import SublabError
-from sublab.records import atomic_write_json, atomic_write_text, dumps_json, read_jsonl, sha256_file, write_jsonl
+from sublab.records import (
+    atomic_write_json,
+    atomic_write_text,
+    dumps_json,
+    read_jsonl,
+    sha256_file,
+    write_jsonl,
+)
 
 SAMPLE_CHUNK = 2048  # prompts per resumable sampling chunk
 
@@ -23,11 +30,18 @@ def read_prompts(path: Path) -> list[dict]:
     out = []
     for i, rec in enumerate(read_jsonl(path)):
         msgs = rec.get("messages")
-        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "user":
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not isinstance(msgs[-1], dict)
+            or msgs[-1].get("role") != "user"
+        ):
             raise SublabError(f"{path}: record {i + 1} needs a 'messages' list ending with a user message")
         meta = rec.get("metadata") or {}
         if not isinstance(meta, dict):
-            raise SublabError(f"{path}: record {i + 1}: 'metadata' must be an object, got {type(meta).__name__}")
+            raise SublabError(
+                f"{path}: record {i + 1}: 'metadata' must be an object, got {type(meta).__name__}"
+            )
         meta = dict(meta)
         meta.setdefault("prompt_index", i)
         out.append({"messages": msgs, "metadata": meta})

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, model_validator
 
-from sublab.config import Strict, apply_overrides, read_yaml, validate
+from sublab.config import Strict, apply_overrides, validate
 from sublab.errors import SublabError
 from sublab.records import read_json
 from sublab.schema import ExperimentConfig
@@ -170,7 +170,9 @@ def base_path(cfg: SweepConfig, sweep_file: Path) -> Path:
     return base if base.is_absolute() else sweep_file.parent / base
 
 
-def run_config(base_data: dict, source: str, sweep_set: dict[str, Any], overrides: dict[str, Any]) -> ExperimentConfig:
+def run_config(
+    base_data: dict, source: str, sweep_set: dict[str, Any], overrides: dict[str, Any]
+) -> ExperimentConfig:
     """One run's experiment config: the base experiment + the sweep's `set` + the run's overrides. A run
     is one replicate: the base's `replicates` list became the sweep's seeds axis."""
     items = [f"{k}={_yaml_value(v)}" for k, v in {**sweep_set, **overrides, "replicates": None}.items()]

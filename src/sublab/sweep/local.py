@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from tqdm import tqdm
 
@@ -65,10 +65,22 @@ def run_sweep(
     shut down. Either way shared stages are computed once (a lock per stage in the shared store)."""
     sweep_file = Path(sweep_file)
     cfg = validate(SweepConfig, apply_overrides(read_yaml(sweep_file), overrides or []), str(sweep_file))
+    expand(cfg)  # axis and condition errors first, before the base config is read
     base = base_path(cfg, sweep_file)
     base_data = read_yaml(base)
     base_cfg = validate(ExperimentConfig, base_data, str(base))
-    return execute(cfg, base_data, str(base), base_cfg.replicates, out, progress, workers, executor, address, str(sweep_file))
+    return execute(
+        cfg,
+        base_data,
+        str(base),
+        base_cfg.replicates,
+        out,
+        progress,
+        workers,
+        executor,
+        address,
+        str(sweep_file),
+    )
 
 
 def run_replicates(cfg: ExperimentConfig, out: str | Path, progress: bool = True, workers: int = 1) -> Path:
@@ -177,5 +189,3 @@ def execute(
         errs = "; ".join(f"{e['name']}: {e.get('error')}" for e in state["runs"] if e["status"] == "failed")
         raise SublabError(f"{counts['failed']} run(s) failed ({errs}); rerun the sweep to retry them")
     return root
-
-
