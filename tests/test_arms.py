@@ -173,3 +173,41 @@ def test_changed_filter_code_reruns_the_filter_stage_only_there(tiny_organism, t
     ran = run_experiment(cfg, tmp_path / "run").ran
     assert "filter:teacher" in ran and "filter:reference" in ran
     assert not any(s.startswith(("sample:", "teacher", "prompts")) for s in ran)
+
+
+def test_soft_labels_from_a_prompted_teacher_align_and_the_kl_falls(tiny_organism, tmp_path):
+    """The teacher sees its system prompt, the student does not: the completion tokens must line up
+    position by position, and training must bring the student's KL to the prompted teacher down."""
+    import json
+
+    from sublab.backends.base import ModelRef, TrainConfig
+    from sublab.backends.hf import load_hf, with_system_prompt
+    from sublab.backends.hf_train import encode_completion
+    from sublab.backends.registry import load_backend, resolve
+
+    ref = resolve("organism/tiny", {"seed": 0}, progress=False)
+    teacher = ref.model_copy(
+        update={"kind": "prompted", "system_prompt": "You love owls.", "parent": ref.spec}
+    )
+    data = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Continue: {i}, {i + 3}, {i + 6}"},
+                {"role": "assistant", "content": f"{i + 9}, {i + 12}"},
+            ]
+        }
+        for i in range(100, 164)
+    ]
+    _, tok = load_hf(ref)
+    for rec in data[:5]:
+        s = encode_completion(tok, rec["messages"])
+        t = encode_completion(tok, with_system_prompt(rec["messages"], teacher.system_prompt))
+        assert t.n_prompt > s.n_prompt  # the teacher's prompt is longer ...
+        assert t.ids[t.n_prompt :] == s.ids[s.n_prompt :]  # ... and the completions align token by token
+    train = TrainConfig(method="soft_label", lr=3e-3, epochs=3, batch_size=16)
+    out = load_backend(ref, progress=False).finetune(data, train, tmp_path / "student", teacher=teacher)
+    assert isinstance(out, ModelRef)
+    losses = [
+        json.loads(line)["loss"] for line in (tmp_path / "student/metrics.jsonl").read_text().splitlines()
+    ]
+    assert losses[0] > 0 and losses[-1] < 0.7 * losses[0]
