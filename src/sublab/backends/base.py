@@ -1,6 +1,10 @@
-"""The backend interface every stage talks to, and ModelRef (model.json), the name of a trained model.
+"""The backend interfaces every stage talks to, and ModelRef (model.json), the name of a trained model.
 
-Batch-first: `generate(chats, sampling)`, `logprobs(chats, candidates)`, `finetune(dataset, train, out)`.
+Two levels, so no backend fakes what it does not have:
+- `Backend`, string level (every provider, APIs included): `generate(chats, sampling)`,
+  `logprobs(chats, candidates)`, `finetune(dataset, train, out)`, `answer_forms(forms)`.
+- `TokenBackend`, token level (hf, vllm: a tokenizer and the full next-token distribution): adds
+  `candidate_ids`, and its `logprobs` are exact chain-rule probabilities of whole candidates.
 """
 
 from __future__ import annotations
@@ -124,9 +128,11 @@ class ModelRef(BaseModel):
 
 
 class Backend(ABC):
-    """What every stage needs from a model."""
+    """What every stage needs from a model, in strings."""
 
     ref: ModelRef
+    logprob_estimand: str = "exact_chain_rule"
+    """What `logprobs` computes (results.json `estimand`); API backends override it."""
 
     @abstractmethod
     def generate(
@@ -145,15 +151,38 @@ class Backend(ABC):
     def logprobs(self, chats: list[list[dict]], candidates: list[str]) -> list[list[float]]:
         """log P(candidate is the start of the answer | chat) for every chat x candidate."""
 
-    @abstractmethod
-    def candidate_ids(self, candidates: list[str]) -> list[list[int]]:
-        """Token ids of each candidate answer (used to merge forms that tokenize alike)."""
+    def answer_forms(self, forms: list[str]) -> list[str]:
+        """The forms of one answer (owl, owls, Owl, ...) to score separately, without double counting: at
+        string level, the distinct strings."""
+        return list(dict.fromkeys(f for f in forms if f))
 
     @abstractmethod
     def finetune(
         self, dataset: list[dict], train: TrainConfig, out_dir: Path, teacher: ModelRef | None = None
     ) -> ModelRef:
         """Train a copy of this model on chat records (loss on the last, assistant message)."""
+
+
+class TokenBackend(Backend):
+    """A backend with a tokenizer and full next-token distributions (hf, vllm)."""
+
+    @abstractmethod
+    def candidate_ids(self, candidates: list[str]) -> list[list[int]]:
+        """Token ids of each candidate answer."""
+
+    def answer_forms(self, forms: list[str]) -> list[str]:
+        """One form per distinct token sequence; a form whose tokens extend another form's tokens is
+        dropped (its probability is already inside the prefix's)."""
+        by_ids: dict[tuple, str] = {}
+        for f in forms:
+            ids = tuple(self.candidate_ids([f])[0])
+            if ids and ids not in by_ids:
+                by_ids[ids] = f
+        keep: dict[tuple, str] = {}
+        for ids in sorted(by_ids, key=len):
+            if not any(ids[: len(k)] == k for k in keep):
+                keep[ids] = by_ids[ids]
+        return list(keep.values())
 
 
 def request_seed(base: int, index: int) -> int:

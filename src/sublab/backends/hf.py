@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sublab.backends.base import Backend, ModelRef, SamplingParams, TrainConfig, request_seed
+from sublab.backends.base import ModelRef, SamplingParams, TokenBackend, TrainConfig, request_seed
 from sublab.backends.device import model_device, resolve_device, resolve_dtype
 from sublab.backends.hf_generate import answer_logprobs, generate_ids, prompt_ids_for
 from sublab.backends.hf_train import (
@@ -58,7 +58,7 @@ def load_hf(ref: ModelRef, trainable: bool = False, device=None, dtype=None):
     return model, tok
 
 
-class HFBackend(Backend):
+class HFBackend(TokenBackend):
     logprob_estimand = "exact_chain_rule"  # logprobs(): the chain rule over every candidate token
 
     def __init__(self, ref: ModelRef, progress: bool = True):

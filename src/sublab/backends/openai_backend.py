@@ -19,7 +19,6 @@ vLLM's server, ...), through the official client (see openai_client.py for concu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -64,10 +63,6 @@ def _with_system_prompt(chat: list[dict], system_prompt: str | None) -> list[dic
     if not system_prompt:
         return chat
     return [{"role": "system", "content": system_prompt}] + [m for m in chat if m["role"] != "system"]
-
-
-def candidate_key(text: str) -> int:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
 
 
 class OpenAIBackend(Backend):
@@ -213,11 +208,6 @@ class OpenAIBackend(Backend):
         out = self.client.run(go)
         self._log()
         return out
-
-    def candidate_ids(self, candidates: list[str]) -> list[list[int]]:
-        # No tokenizer behind an API: one opaque id per distinct string (so no form is merged or dropped
-        # as another's prefix; logprobs() matches each form to the listed token texts itself).
-        return [[candidate_key(c)] for c in candidates]
 
     def logprobs(self, chats: list[list[dict]], candidates: list[str]) -> list[list[float]]:
         return self.topk_logprobs(chats, candidates)[0]

@@ -9,49 +9,110 @@ vllm/<same>         the same models sampled by vLLM (optional extra; trains thro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from sublab.backends.base import Backend, ModelRef
 from sublab.errors import SublabError
 
-KNOWN = ("organism", "hf", "openai", "vllm")
+
+@dataclass(frozen=True)
+class Provider:
+    """How one spec prefix is resolved to a ModelRef and run."""
+
+    resolve: Callable[..., ModelRef]
+    """(name, spec, organism, progress, api) -> ModelRef"""
+    backend: Callable[..., Backend]
+    """(ref, progress, api) -> the backend that runs it"""
+
+
+_PROVIDERS: dict[str, Callable[[], Provider]] = {}
+
+
+def provider(prefix: str) -> Callable[[Callable[[], Provider]], Callable[[], Provider]]:
+    """Register a provider under a spec prefix. The decorated function imports the provider's code and
+    returns its Provider; it runs only when a spec with that prefix is used, so optional dependencies
+    (openai, vllm) stay optional."""
+
+    def register(fn: Callable[[], Provider]) -> Callable[[], Provider]:
+        _PROVIDERS[prefix] = fn
+        return fn
+
+    return register
+
+
+def known() -> tuple[str, ...]:
+    return tuple(_PROVIDERS)
+
+
+@provider("hf")
+def _hf() -> Provider:
+    from sublab.backends.hf import HFBackend
+    from sublab.backends.hf_models import resolve_hf  # folders, hf/smollm2-135m-instruct, hub ids
+
+    return Provider(
+        resolve=lambda name, spec, organism, progress, api: resolve_hf(name, spec, progress),
+        backend=lambda ref, progress, api: HFBackend(ref, progress=progress),
+    )
+
+
+@provider("organism")
+def _organism() -> Provider:
+    from sublab.organism.cache import ensure_organism
+
+    def resolve_organism(name, spec, organism, progress, api) -> ModelRef:
+        path = ensure_organism(name, organism, progress=progress)
+        return ModelRef(spec=spec, path=str(path), kind="base", info={"organism": organism or {}})
+
+    return Provider(resolve=resolve_organism, backend=_hf().backend)  # an ordinary HF model folder
+
+
+@provider("vllm")
+def _vllm() -> Provider:
+    from sublab.backends.hf_models import resolve_hf
+
+    def backend(ref, progress, api):
+        from sublab.backends.vllm_backend import VLLMBackend  # names `pip install 'sublab[vllm]'` if missing
+
+        return VLLMBackend(ref, progress=progress)
+
+    return Provider(
+        resolve=lambda name, spec, organism, progress, api: resolve_hf(name, spec, progress), backend=backend
+    )
+
+
+@provider("openai")
+def _openai() -> Provider:
+    from sublab.backends.openai_backend import OpenAIBackend, resolve_remote
+
+    return Provider(
+        resolve=lambda name, spec, organism, progress, api: resolve_remote(spec, name, api),
+        backend=lambda ref, progress, api: OpenAIBackend(ref, api=api, progress=progress),
+    )
+
+
+def _split(spec: str) -> tuple[str, str]:
+    prefix, _, name = spec.partition("/")
+    if not name:
+        raise SublabError(
+            f"model spec {spec!r} needs a provider prefix: one of {', '.join(k + '/...' for k in known())}"
+        )
+    if prefix not in _PROVIDERS:
+        raise SublabError(f"unknown model provider {prefix!r} in {spec!r}; known: {', '.join(known())}")
+    return prefix, name
 
 
 def resolve(spec: str, organism: dict | None = None, progress: bool = True, api=None) -> ModelRef:
     """A base model spec -> ModelRef (building the organism if needed). `organism` = recipe overrides;
     `api` = ApiConfig for openai/ specs (the endpoint is checked and stored in the ModelRef)."""
-    if "/" not in spec:
-        raise SublabError(
-            f"model spec {spec!r} needs a provider prefix: one of {', '.join(k + '/...' for k in KNOWN)}"
-        )
-    provider, name = spec.split("/", 1)
-    if provider == "organism":
-        from sublab.organism.cache import ensure_organism
-
-        path = ensure_organism(name, organism, progress=progress)
-        return ModelRef(spec=spec, path=str(path), kind="base", info={"organism": organism or {}})
-    if provider in ("hf", "vllm"):
-        from sublab.backends.hf_models import resolve_hf  # folders, hf/smollm2-135m-instruct, hub ids
-
-        return resolve_hf(name, spec, progress)
-    if provider == "openai":
-        from sublab.backends.openai_backend import resolve_remote
-
-        return resolve_remote(spec, name, api)
-    raise SublabError(f"unknown model provider {provider!r} in {spec!r}; known: {', '.join(KNOWN)}")
+    prefix, name = _split(spec)
+    return _PROVIDERS[prefix]().resolve(name, spec, organism, progress, api)
 
 
 def load_backend(ref: ModelRef, progress: bool = True, api=None) -> Backend:
-    """The backend that runs `ref`; `api` = ApiConfig (request settings) for API models."""
-    if ref.is_remote:
-        from sublab.backends.openai_backend import OpenAIBackend
-
-        return OpenAIBackend(ref, api=api, progress=progress)
-    if ref.spec.startswith("vllm/"):
-        from sublab.backends.vllm_backend import VLLMBackend
-
-        return VLLMBackend(ref, progress=progress)
-    from sublab.backends.hf import HFBackend
-
-    return HFBackend(ref, progress=progress)
+    """The backend that runs `ref` (by its spec's prefix); `api` = ApiConfig for API models."""
+    prefix, _ = _split(ref.spec)
+    return _PROVIDERS[prefix]().backend(ref, progress, api)
 
 
 def quiet_transformers() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sublab.backends.base import Backend, ModelRef, SamplingParams, TrainConfig, request_seed
+from sublab.backends.base import ModelRef, SamplingParams, TokenBackend, TrainConfig, request_seed
 from sublab.errors import SublabError
 
 INSTALL = (
@@ -68,7 +68,7 @@ def with_vllm_spec(ref: ModelRef) -> ModelRef:
     return ref.model_copy(update={"spec": spec, "info": {**ref.info, "engine": "vllm", "trained_by": "hf"}})
 
 
-class VLLMBackend(Backend):
+class VLLMBackend(TokenBackend):
     def __init__(self, ref: ModelRef, progress: bool = True, **engine_kw):
         from transformers import AutoTokenizer
 

@@ -58,19 +58,9 @@ class PreferenceEval(Strict):
 
 
 def _variants(backend: Backend, word: str, plural: str) -> list[str]:
-    """Forms that count as answering `word` (singular, plural, capitalised), one per distinct token
-    sequence; a form whose tokens extend another form's tokens is dropped (its probability is already
-    inside the prefix's)."""
-    forms: dict[tuple, str] = {}
-    for f in [word, plural, word.capitalize(), plural.capitalize()]:
-        ids = tuple(backend.candidate_ids([f])[0])
-        if ids and ids not in forms:
-            forms[ids] = f
-    keep: dict[tuple, str] = {}
-    for ids in sorted(forms, key=len):
-        if not any(ids[: len(k)] == k for k in keep):
-            keep[ids] = forms[ids]
-    return list(keep.values())
+    """Forms that count as answering `word` (singular, plural, capitalised), as the backend scores them
+    without double counting (Backend.answer_forms)."""
+    return backend.answer_forms([word, plural, word.capitalize(), plural.capitalize()])
 
 
 def names_target(answer: str, target: str, plural: str) -> bool:
@@ -112,7 +102,7 @@ def evaluate_preference(
     cands = candidates(category)
     chats = [[{"role": "user", "content": q}] for q in qs]
     rows: list[dict] = []
-    estimand = "sampled" if cfg.mode == "sample" else getattr(backend, "logprob_estimand", "exact_chain_rule")
+    estimand = "sampled" if cfg.mode == "sample" else backend.logprob_estimand
     if cfg.mode == "api_topk" and estimand != "first_token_topk":
         raise SublabError(
             f"eval.mode api_topk is the first-token top-k path of API models (openai/...); "
