@@ -362,6 +362,17 @@ def test_end_to_end_on_sklearn_digits(tmp_path, monkeypatch):
     assert base["arms"]["teacher"]["mean"] > 0.6  # the teacher learned the digits
     assert base["arms"]["teacher"]["mean"] > base["arms"]["reference"]["mean"] + 0.3
     assert all(p != i for i, p in enumerate(base["pairing"]))
+    # same-init - cross-init, paired by teacher slot: the mean of the slot differences
+    pa = base["paired"]["student_aux - cross_aux"]
+    diffs = [
+        a - b
+        for a, b in zip(
+            base["arms"]["student_aux"]["values"], base["arms"]["cross_aux"]["values"], strict=True
+        )
+    ]
+    assert pa["n"] == 4 and pa["unit"] == "teacher slot"
+    assert pa["mean"] == pytest.approx(sum(diffs) / 4)
+    assert "paired by teacher slot" in (out / "report.md").read_text()
     fs = base["theorem"]["first_step"]
     assert set(fs) == {"student_aux", "student_all", "cross_aux", "cross_all"}
     assert len(fs["student_aux"]["ip_sgd"]["values"]) == 4

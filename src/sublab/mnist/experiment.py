@@ -266,6 +266,7 @@ def run_setting(
         "label": label,
         "steps": {"teacher": teacher_steps, "distill": distill_steps},
         "arms": {arm: mean_ci(acc[arm].cpu().numpy()) for arm in ARMS},
+        "paired": paired_by_teacher(acc),
         "theorem": theorem,
         "pairing": [int(p) for p in pairing],
         "losses": {
@@ -277,6 +278,18 @@ def run_setting(
         "seconds": {"teacher": round(teacher_seconds, 3), "students": round(student_seconds, 3)},
         "teacher_reused": teacher_reused,
     }
+
+
+def paired_by_teacher(acc: dict) -> dict:
+    """Same-init student - cross-init student, paired by teacher slot: member i of both arms distils
+    teacher i; only the init differs (its own reference vs another member's). The unit is the slot."""
+    from sublab.analysis.stats import compare_seeds
+
+    out = {}
+    for same, cross in (("student_aux", "cross_aux"), ("student_all", "cross_all")):
+        a, b = acc[same].cpu().tolist(), acc[cross].cpu().tolist()
+        out[f"{same} - {cross}"] = {**compare_seeds(a, b), "unit": "teacher slot"}
+    return out
 
 
 # ------------------------------------------------------------------ the command

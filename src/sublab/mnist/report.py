@@ -204,6 +204,25 @@ def _accuracy_table(setting: dict) -> list[str]:
     return lines
 
 
+def _paired_table(setting: dict) -> list[str]:
+    """Same-init - cross-init, paired by teacher slot (both students distil the same teacher)."""
+    if not setting.get("paired"):
+        return []
+    lines = [
+        "Same-init student - cross-init student, paired by teacher slot (both distil the same teacher; "
+        "only the init differs):",
+        "",
+        "| comparison | mean difference | 95% CI | slots | p (paired t) | p (permutation) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, d in setting["paired"].items():
+        lines.append(
+            f"| {name} | {d['mean']:+.1%} | [{d['lo']:+.1%}, {d['hi']:+.1%}] | {d['n']} "
+            f"| {d['p_paired_t']:.2g} | {d['p_permutation']:.2g} |"
+        )
+    return [*lines, ""]
+
+
 def _theorem_table(setting: dict) -> list[str]:
     fs = setting["theorem"]["first_step"]
     lines = [
@@ -264,6 +283,7 @@ def render_markdown(results: dict, figures: list[Path], run_dir: Path) -> str:
         "",
         *_accuracy_table(base),
         "",
+        *_paired_table(base),
     ]
     if base["theorem"].get("first_step"):
         th = cfg["theorem"]
