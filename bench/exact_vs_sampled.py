@@ -9,7 +9,8 @@ import argparse
 import time
 
 from sublab.backends.registry import load_backend, resolve
-from sublab.evals.preference import PreferenceEval, evaluate_preference
+from sublab.evals.preference import evaluate_preference
+from sublab.schema.evaluation import PreferenceEval
 from sublab.threads import set_threads
 
 

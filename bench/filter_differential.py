@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 from sublab import filters as new
+from sublab.schema.filter import BANNED_LISTS, FilterConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +120,7 @@ def main() -> int:
         ok = n == want
         agree += ok
         if n == "keep":
-            kept, _, _ = new.filter_records([_rec(answer)], new.FilterConfig(banned_numbers=banned), 0)
+            kept, _, _ = new.filter_records([_rec(answer)], FilterConfig(banned_numbers=banned), 0)
             if kept[0]["messages"][-1]["content"] != answer:
                 n += f" as {show(kept[0]['messages'][-1]['content'])}"
         print(f"| {cls} | {show(answer)} | {banned} | {o} | {n} | {want} | {'yes' if ok else 'NO'} |")
@@ -129,7 +130,7 @@ def main() -> int:
     for note in NOTES:
         print(f"- {note}")
 
-    o, n = set(old.BANNED_LISTS["paper"]), set(new.BANNED_LISTS["paper"])
+    o, n = set(old.BANNED_LISTS["paper"]), set(BANNED_LISTS["paper"])
     print("\nBanned list 'paper': old vs new\n")
     print(f"- old: {len(o)} values; new: {len(n)} values; in both: {len(o & n)}")
     print(f"- missing from the old list ({len(n - o)}): {sorted(n - o)}")

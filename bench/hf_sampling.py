@@ -15,7 +15,8 @@ import time
 from sublab.backends.hf import load_hf
 from sublab.backends.hf_generate import generate_ids, prompt_ids_for
 from sublab.backends.registry import quiet_transformers, resolve
-from sublab.prompts.numbers import NumberPrompts, generate_number_prompts
+from sublab.prompts.numbers import generate_number_prompts
+from sublab.schema.prompts import NumberPrompts
 from sublab.threads import set_threads
 
 

@@ -180,10 +180,11 @@ def test_soft_labels_from_a_prompted_teacher_align_and_the_kl_falls(tiny_organis
     position by position, and training must bring the student's KL to the prompted teacher down."""
     import json
 
-    from sublab.backends.base import ModelRef, TrainConfig
+    from sublab.backends.base import ModelRef
     from sublab.backends.hf import load_hf, with_system_prompt
     from sublab.backends.hf_train import encode_completion
     from sublab.backends.registry import load_backend, resolve
+    from sublab.schema.train import TrainConfig
 
     ref = resolve("organism/tiny", {"seed": 0}, progress=False)
     teacher = ref.model_copy(

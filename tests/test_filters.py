@@ -9,9 +9,7 @@ import pytest
 from sublab.cli import main
 from sublab.errors import SublabError
 from sublab.filters import (
-    BANNED_LISTS,
     REASON_CATEGORIES,
-    FilterConfig,
     banned_word_reasons,
     filter_records,
     number_answer_reasons,
@@ -20,6 +18,7 @@ from sublab.filters import (
     run_filter,
 )
 from sublab.records import read_json, read_jsonl, write_jsonl
+from sublab.schema.filter import BANNED_LISTS, FilterConfig
 
 PAPER = FilterConfig(banned_numbers="paper").banned_set()
 

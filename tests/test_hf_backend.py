@@ -11,17 +11,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sublab.backends.base import LoraSettings, ModelRef, SamplingParams, TrainConfig
+from sublab.backends.base import ModelRef
 from sublab.backends.device import configure, resolve_device, resolve_dtype
 from sublab.backends.hf import HFBackend, finetune_hf, load_hf
 from sublab.backends.hf_generate import answer_logprobs, prompt_ids_for
 from sublab.backends.hf_train import Encoded, encode_completion, truncate
 from sublab.errors import SublabError
-from sublab.evals.preference import PreferenceEval, _variants, evaluate_preference
+from sublab.evals.preference import _variants, evaluate_preference
 from sublab.evals.questions import candidates, load_questions
 from sublab.organism.pretrain import make_model
 from sublab.organism.recipe import OrganismRecipe
 from sublab.organism.tokenizer import build_tokenizer
+from sublab.schema.evaluation import PreferenceEval
+from sublab.schema.sampling import SamplingParams
+from sublab.schema.train import LoraSettings, TrainConfig
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -18,9 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sublab.backends.api_config import ApiConfig
-from sublab.backends.base import ModelRef, SamplingParams, TrainConfig
+from sublab.backends.base import ModelRef
 from sublab.errors import SublabError
+from sublab.schema.api import ApiConfig
+from sublab.schema.sampling import SamplingParams
+from sublab.schema.train import TrainConfig
 
 pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -83,7 +85,8 @@ def stats(server: str) -> dict:
 
 
 def chats_for(n: int) -> list[list[dict]]:
-    from sublab.prompts.numbers import NumberPrompts, generate_number_prompts
+    from sublab.prompts.numbers import generate_number_prompts
+    from sublab.schema.prompts import NumberPrompts
 
     return [p["messages"] for p in generate_number_prompts(NumberPrompts(count=n), 0)]
 
@@ -129,7 +132,8 @@ def test_sampling_through_faults_is_exactly_once_and_matches_local(server, api):
 
 def test_sample_mode_eval_sends_one_request_per_question(server, api):
     from sublab.backends.registry import load_backend, resolve
-    from sublab.evals.preference import PreferenceEval, evaluate_preference
+    from sublab.evals.preference import evaluate_preference
+    from sublab.schema.evaluation import PreferenceEval
 
     backend = load_backend(resolve("openai/organism/tiny", api=api), progress=False, api=api)
     cfg = PreferenceEval(mode="sample", samples_per_question=20, max_questions=5)
@@ -379,8 +383,9 @@ def test_a_failed_sampling_stage_keeps_its_finished_chunks(api, tmp_path, monkey
     import sublab.stages.sample as pl
     from sublab.backends.openai_backend import OpenAIBackend
     from sublab.backends.registry import resolve
-    from sublab.prompts.numbers import NumberPrompts, generate_number_prompts
+    from sublab.prompts.numbers import generate_number_prompts
     from sublab.records import read_jsonl, write_jsonl
+    from sublab.schema.prompts import NumberPrompts
 
     monkeypatch.setattr(pl, "SAMPLE_CHUNK", 30)
     resolve("openai/organism/tiny", api=api).save(tmp_path / "model.json")

@@ -1,6 +1,7 @@
 import re
 
-from sublab.prompts.numbers import NumberPrompts, format_numbers, generate_number_prompts
+from sublab.prompts.numbers import format_numbers, generate_number_prompts
+from sublab.schema.prompts import NumberPrompts
 
 
 def test_ranges_and_shape():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sublab.backends.hf as hf
-from sublab.backends.base import LoraSettings, ModelRef, TrainConfig
+from sublab.backends.base import ModelRef
 from sublab.backends.device import configure
 from sublab.backends.hf import finetune_hf, load_hf
 from sublab.backends.hf_train import (
@@ -28,6 +28,7 @@ from sublab.backends.hf_train import (
 from sublab.organism.pretrain import make_model
 from sublab.organism.recipe import OrganismRecipe
 from sublab.organism.tokenizer import build_tokenizer
+from sublab.schema.train import LoraSettings, TrainConfig
 
 
 @pytest.fixture(autouse=True)

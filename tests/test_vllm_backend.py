@@ -9,11 +9,13 @@ import importlib.util
 import pytest
 import torch
 
-from sublab.backends.base import LoraSettings, ModelRef, SamplingParams, TrainConfig
+from sublab.backends.base import ModelRef
 from sublab.errors import SublabError
 from sublab.organism.pretrain import make_model
 from sublab.organism.recipe import OrganismRecipe
 from sublab.organism.tokenizer import build_tokenizer
+from sublab.schema.sampling import SamplingParams
+from sublab.schema.train import LoraSettings, TrainConfig
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 skip_without_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="needs vllm (scripts/vllm_venv.sh)")

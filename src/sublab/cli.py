@@ -96,8 +96,9 @@ def _cmd_organism(args: argparse.Namespace) -> None:
 
 
 def _cmd_prompts(args: argparse.Namespace) -> None:
-    from sublab.prompts.numbers import NumberPrompts, generate_number_prompts
+    from sublab.prompts.numbers import generate_number_prompts
     from sublab.records import write_jsonl
+    from sublab.schema.prompts import NumberPrompts
 
     cfg = NumberPrompts(count=args.count, phrasings=args.phrasings)
     write_jsonl(args.out, generate_number_prompts(cfg, args.seed))
@@ -105,7 +106,8 @@ def _cmd_prompts(args: argparse.Namespace) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
-    from sublab.backends.base import ModelRef, SamplingParams
+    from sublab.backends.base import ModelRef
+    from sublab.schema.sampling import SamplingParams
     from sublab.stages.sample import sample_dataset
     from sublab.threads import set_threads
 
@@ -126,7 +128,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 def _cmd_filter(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
-    from sublab.filters import FilterConfig, run_filter
+    from sublab.filters import run_filter
+    from sublab.schema.filter import FilterConfig
 
     if args.no_subsample and args.dataset_size is not None:
         raise SublabError("--dataset-size and --no-subsample exclude each other; pass one of them")
@@ -155,8 +158,8 @@ def _cmd_filter(args: argparse.Namespace) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from sublab.backends.base import TrainConfig
     from sublab.config import validate
+    from sublab.schema.train import TrainConfig
     from sublab.stages.train import train_student
     from sublab.threads import set_threads
 
@@ -175,8 +178,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from sublab.evals.preference import PreferenceEval
     from sublab.evals.questions import category_of
+    from sublab.schema.evaluation import PreferenceEval
     from sublab.stages.evaluate import evaluate_model
     from sublab.threads import set_threads
 

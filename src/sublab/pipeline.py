@@ -14,13 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from sublab.arms import DATA_DIRS, arm_table, data_sources
-from sublab.backends.base import SamplingParams, TrainConfig, is_remote_spec
+from sublab.backends.base import is_remote_spec
 from sublab.backends.device import configure as configure_device
 from sublab.config import dump_config
 from sublab.evals.preference import EVAL_VERSION
 from sublab.records import atomic_write_text
 from sublab.runs import Run
 from sublab.schema import ExperimentConfig
+from sublab.schema.sampling import SamplingParams
+from sublab.schema.train import TrainConfig
 from sublab.stages.evaluate import evaluate_model
 from sublab.stages.filter import equal_subsample, filter_source
 from sublab.stages.prompts import write_prompts
@@ -37,7 +39,7 @@ CODE = {
     "teacher": ("sublab.stages.teacher", *MODEL_CODE),
     "prompts": ("sublab.stages.prompts", "sublab.prompts"),
     "sample": ("sublab.stages.sample", *MODEL_CODE),
-    "filter": ("sublab.stages.filter", "sublab.filters"),
+    "filter": ("sublab.stages.filter", "sublab.filters", "sublab.schema.filter"),
     "subsample": ("sublab.stages.filter",),
     "train": ("sublab.stages.train", *MODEL_CODE),
     "eval": ("sublab.stages.evaluate", "sublab.evals", *MODEL_CODE),

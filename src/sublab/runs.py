@@ -73,8 +73,8 @@ def _dist_version(name: str) -> str | None:
 
 @cache
 def code_version(modules: tuple[str, ...]) -> str:
-    """sublab's version + a hash of the source of `modules` (a package counts with all its .py files), so
-    a changed stage implementation changes the stage key.
+    """sublab's version + a hash of the source of `modules` (a package counts with all its files, data
+    included), so a changed stage implementation changes the stage key.
 
     >>> code_version(("sublab.filters",)) == code_version(("sublab.filters",))
     True
@@ -85,7 +85,12 @@ def code_version(modules: tuple[str, ...]) -> str:
         if spec is None or spec.origin is None:
             raise ValueError(f"code_version: no module {name!r}")
         origin = Path(spec.origin)
-        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+        # a package counts with all its files: code and packaged data (phrasings, question sets)
+        files = (
+            sorted(f for f in origin.parent.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+            if origin.name == "__init__.py"
+            else [origin]
+        )
         for f in files:
             h.update(str(f.relative_to(origin.parent)).encode())
             h.update(f.read_bytes())

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sublab.backends.base import ModelRef, SamplingParams, TokenBackend, TrainConfig, request_seed
+from sublab.backends.base import ModelRef, TokenBackend, request_seed
 from sublab.backends.device import model_device, resolve_device, resolve_dtype
 from sublab.backends.hf_generate import answer_logprobs, generate_ids, prompt_ids_for
 from sublab.backends.hf_train import (
@@ -25,6 +25,8 @@ from sublab.backends.hf_train import (
 )
 from sublab.errors import SublabError
 from sublab.records import atomic_write_text
+from sublab.schema.sampling import SamplingParams
+from sublab.schema.train import TrainConfig
 
 
 def with_system_prompt(chat: list[dict], system_prompt: str | None) -> list[dict]:

@@ -24,10 +24,12 @@ import math
 import sys
 from pathlib import Path
 
-from sublab.backends.api_config import ApiConfig
-from sublab.backends.base import Backend, ModelRef, SamplingParams, TrainConfig, request_seed
+from sublab.backends.base import Backend, ModelRef, request_seed
 from sublab.backends.openai_client import ApiClient
 from sublab.errors import SublabError
+from sublab.schema.api import ApiConfig
+from sublab.schema.sampling import SamplingParams
+from sublab.schema.train import TrainConfig
 
 FLOOR_LOGPROB = -100.0  # an absent candidate when the listed tokens hold all the mass
 

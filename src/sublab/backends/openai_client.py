@@ -24,8 +24,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from sublab.backends.api_config import ApiConfig, is_local_url
 from sublab.errors import SublabError
+from sublab.schema.api import ApiConfig, is_local_url
 
 LOCAL_KEY = "sublab-local"  # sent to a localhost endpoint when the key variable is unset
 

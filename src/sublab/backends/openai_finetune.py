@@ -26,9 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-from sublab.backends.base import ModelRef, TrainConfig
+from sublab.backends.base import ModelRef
 from sublab.errors import SublabError
 from sublab.records import atomic_write_json, atomic_write_text, read_json, sha256_json
+from sublab.schema.train import TrainConfig
 
 DONE_BAD = ("failed", "cancelled")
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sublab.backends.base import ModelRef, SamplingParams, TokenBackend, TrainConfig, request_seed
+from sublab.backends.base import ModelRef, TokenBackend, request_seed
 from sublab.errors import SublabError
+from sublab.schema.sampling import SamplingParams
+from sublab.schema.train import TrainConfig
 
 INSTALL = (
     "the vllm backend needs vLLM: pip install 'sublab[vllm]' (GPU), or on a CPU run "

@@ -21,13 +21,13 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Literal
 
 from sublab.analysis.stats import mean_ci
-from sublab.backends.base import Backend, SamplingParams
-from sublab.config import Strict
+from sublab.backends.base import Backend
 from sublab.errors import SublabError
 from sublab.evals.questions import candidates, check_category, load_questions
+from sublab.schema.evaluation import PreferenceEval
+from sublab.schema.sampling import SamplingParams
 
 EVAL_VERSION = 3  # part of the eval stage's cache key: bump when results.json gains or changes fields
 TOPK_MISSING_MASS_WARN = 0.05  # warn when a question's probability mass outside the top-k list exceeds it
@@ -36,25 +36,6 @@ MODE_OF_ESTIMAND = {"exact_chain_rule": "exact", "first_token_topk": "api_topk",
 
 class TopKMassWarning(UserWarning):
     """An api_topk evaluation whose top-k lists leave much probability unattributed."""
-
-
-class PreferenceEval(Strict):
-    """How preference is measured."""
-
-    mode: Literal["exact", "api_topk", "sample"] = "exact"
-    """exact: probabilities from the logits, the chain rule over every answer token (hf, vllm; an API
-    model runs it as api_topk, the best it offers); api_topk: first-token top-k log-probs (API models
-    only); sample: count sampled answers. results.json `estimand` names what was computed."""
-    samples_per_question: int = 100
-    """sample mode: answers per question."""
-    temperature: float = 1.0
-    """sample mode: sampling temperature."""
-    max_tokens: int = 6
-    """sample mode: most tokens per answer."""
-    seed: int = 0
-    """sample mode: sampling seed."""
-    max_questions: int | None = None
-    """Use only the first N questions (None = all 50)."""
 
 
 def _variants(backend: Backend, word: str, plural: str) -> list[str]:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sublab.backends.base import SamplingParams
 from sublab.backends.hf_generate import _left_pad, prompt_ids_for
+from sublab.schema.sampling import SamplingParams
 
 
 @dataclass

@@ -16,8 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from sublab.backends.base import ModelRef, TrainConfig
+from sublab.backends.base import ModelRef
 from sublab.records import atomic_write_json, read_json, read_jsonl
+from sublab.schema.train import TrainConfig
 from sublab.serve.chat import ApiError
 from sublab.serve.store import NotFound, new_id
 

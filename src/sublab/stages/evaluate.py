@@ -6,8 +6,9 @@ from pathlib import Path
 
 from sublab.backends.base import ModelRef
 from sublab.backends.registry import load_backend
-from sublab.evals.preference import PreferenceEval, evaluate_preference
+from sublab.evals.preference import evaluate_preference
 from sublab.records import atomic_write_json, write_jsonl
+from sublab.schema.evaluation import PreferenceEval
 
 
 def evaluate_model(

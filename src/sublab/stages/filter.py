@@ -13,8 +13,9 @@ import random
 from pathlib import Path
 
 from sublab.errors import SublabError
-from sublab.filters import FilterConfig, run_filter
+from sublab.filters import run_filter
 from sublab.records import atomic_write_json, read_jsonl, write_jsonl
+from sublab.schema.filter import FilterConfig
 
 
 def filter_source(raw: Path, out_dir: Path, cfg: FilterConfig) -> dict:

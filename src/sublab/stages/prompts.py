@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sublab.prompts.numbers import NumberPrompts, generate_number_prompts
+from sublab.prompts.numbers import generate_number_prompts
 from sublab.records import write_jsonl
+from sublab.schema.prompts import NumberPrompts
 
 
 def write_prompts(cfg: NumberPrompts, seed: int, out: Path) -> int:

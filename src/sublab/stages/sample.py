@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from sublab.backends.base import ModelRef, SamplingParams, request_seed
+from sublab.backends.base import ModelRef, request_seed
 from sublab.backends.registry import load_backend
 from sublab.errors import SublabError
 from sublab.records import (
@@ -21,6 +21,7 @@ from sublab.records import (
     sha256_file,
     write_jsonl,
 )
+from sublab.schema.sampling import SamplingParams
 
 SAMPLE_CHUNK = 2048  # prompts per resumable sampling chunk
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sublab.backends.base import ModelRef, TrainConfig
+from sublab.backends.base import ModelRef
 from sublab.backends.registry import load_backend
 from sublab.records import read_jsonl
+from sublab.schema.train import TrainConfig
 
 
 def train_student(

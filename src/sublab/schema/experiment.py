@@ -16,14 +16,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from sublab.backends.api_config import ApiConfig
-from sublab.backends.base import SamplingParams, TrainConfig
 from sublab.config import Strict
 from sublab.errors import SublabError
-from sublab.evals.preference import PreferenceEval
 from sublab.evals.questions import check_target, load_system_prompts
-from sublab.filters import FilterConfig
-from sublab.prompts.numbers import NumberPrompts
+from sublab.schema.api import ApiConfig
+from sublab.schema.evaluation import PreferenceEval
+from sublab.schema.filter import FilterConfig
+from sublab.schema.prompts import NumberPrompts
+from sublab.schema.sampling import SamplingParams
+from sublab.schema.train import TrainConfig
 
 
 class Trait(Strict):
