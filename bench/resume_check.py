@@ -1,5 +1,6 @@
 """Kill a run with SIGKILL during sampling and again during training, rerun it to completion, and
-compare with an uninterrupted run of the same config and seed (datasets and results byte for byte).
+compare with an uninterrupted run of the same config and seed (datasets and results byte for byte). One
+replicate (`replicates=null`): the config's `seed`.
 Also runs the same config twice from scratch to check byte-identical outputs.
 
     python bench/resume_check.py [--config configs/quickstart.yaml] [--out runs/resume-check]
@@ -20,7 +21,7 @@ FILES = [
     "data/prompts.jsonl",
     "data/raw.jsonl",
     "data/kept.jsonl",
-    "data/rejected.jsonl",
+    "data/filter/rejected.jsonl",
     "control/data/kept.jsonl",
     "results.json",
     "report.md",
@@ -29,7 +30,19 @@ FILES = [
 
 def sublab(config: str, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "sublab.cli", "run", config, "--out", str(out), "--set", "progress=false"],
+        [
+            sys.executable,
+            "-m",
+            "sublab.cli",
+            "run",
+            config,
+            "--out",
+            str(out),
+            "--set",
+            "progress=false",
+            "--set",
+            "replicates=null",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
