@@ -43,17 +43,13 @@ keeps up to 3 example reasons each; rejected.jsonl keeps each answer's detailed 
 
 from __future__ import annotations
 
-import codecs
-import json
 import random
 import re
-import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from sublab.errors import SublabError
-from sublab.records import atomic_write_json, validate_chat_record, write_jsonl
+from sublab.records import atomic_write_json, json_type, read_jsonl, write_jsonl
 from sublab.schema.filter import FilterConfig
 
 REASON_CATEGORIES = (
@@ -99,9 +95,6 @@ _GOOD_SEPARATOR = re.compile(r" | *[,;] *")
 _WHITESPACE = re.compile(r"\s")
 _MAX_INT_DIGITS = 4000
 """Longest digit string (leading zeros aside) ever converted with int(); Python refuses more than 4300."""
-_MAX_DEPTH = 64
-"""Deepest JSON nesting accepted in an input record (a chat record needs about 4)."""
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def reason_category(reason: str) -> str:
@@ -267,7 +260,7 @@ def filter_records(
         meta = rec.get("metadata", {})
         if not isinstance(meta, dict):
             raise SublabError(
-                f"record {i}: 'metadata' must be a JSON object, got {_json_type(meta)}; fix that record"
+                f"record {i}: 'metadata' must be a JSON object, got {json_type(meta)}; fix that record"
             )
         msgs = rec["messages"]
         answer = msgs[-1]["content"]
@@ -307,99 +300,21 @@ def filter_records(
     return kept, rejected, stats
 
 
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-
-
-def _json_type(v: Any) -> str:
-    return _JSON_TYPES.get(type(v), "a number" if isinstance(v, int | float) else type(v).__name__)
-
-
-def _structure_problem(rec: Any) -> str | None:
-    """Nesting deeper than _MAX_DEPTH, or a lone surrogate in any string (not valid Unicode, so it could
-    never be written back as UTF-8)."""
-    stack: list[tuple[Any, int, str]] = [(rec, 0, "")]
-    while stack:
-        obj, depth, loc = stack.pop()
-        if depth > _MAX_DEPTH:
-            return f"JSON nested deeper than {_MAX_DEPTH} levels"
-        if isinstance(obj, str):
-            m = _SURROGATE.search(obj)
-            if m:
-                return f"a lone surrogate \\u{ord(m.group()):04x} in the text at {loc or 'top level'}"
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                stack.append((k, depth + 1, f"{loc}.{ascii(k)[1:-1]} (key)"))
-                stack.append((v, depth + 1, f"{loc}.{ascii(k)[1:-1]}"))
-        elif isinstance(obj, list):
-            stack.extend((v, depth + 1, f"{loc}[{j}]") for j, v in enumerate(obj))
+def _prompt_index_problem(rec: dict) -> str | None:
+    pi = rec.get("metadata", {}).get("prompt_index")
+    if pi is not None and (not isinstance(pi, int) or isinstance(pi, bool)):
+        return f"metadata.prompt_index must be a whole number, got {json_type(pi)}"
     return None
 
 
 def read_filter_input(path: str | Path) -> list[dict]:
-    """Read the filter's input JSONL (chat records), strictly: every problem is a SublabError that names
-    file:line, the problem and the fix, raised before anything is written."""
+    """Read the filter's input: chat records, strictly (records.read_jsonl), with a whole-number
+    metadata.prompt_index where there is one. Every problem is a SublabError raised before anything is
+    written."""
     path = Path(path)
-    if not path.is_file():
-        if path.is_dir():
-            raise SublabError(f"{path} is a folder; pass the JSONL file of answers (e.g. data/raw.jsonl)")
-        raise SublabError(f"file not found: {path} (check the path, or run the stage that writes it)")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SublabError(f"cannot read {path}: {e.strerror or e}; check its permissions") from None
-    fix = "fix or remove that line and rerun"
-    out: list[dict] = []
-    for i, raw in enumerate(data.splitlines(), start=1):
-        if i == 1 and raw.startswith(codecs.BOM_UTF8):
-            raw = raw[len(codecs.BOM_UTF8) :]
-        if not raw.strip():
-            continue
-        where = f"{path}:{i}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise SublabError(
-                f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
-                "convert the file to UTF-8 and rerun"
-            ) from None
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SublabError(
-                f"{where}: malformed JSONL line ({e.msg} at column {e.colno}); each line must be one JSON "
-                f"object - {fix}"
-            ) from None
-        except RecursionError:
-            raise SublabError(f"{where}: JSON nested too deeply to read; {fix}") from None
-        except ValueError as e:
-            what = (
-                f"a JSON number with more than {sys.get_int_max_str_digits()} digits"
-                if "integer string conversion" in str(e)
-                else f"unreadable JSON ({str(e).splitlines()[0][:100]})"
-            )
-            raise SublabError(f"{where}: {what}; {fix}") from None
-        if not isinstance(rec, dict):
-            raise SublabError(
-                f"{where}: expected a JSON object (a chat record), got {_json_type(rec)}; {fix}"
-            )
-        problem = _structure_problem(rec)
-        if problem:
-            raise SublabError(f"{where}: {problem}; {fix}")
-        try:
-            validate_chat_record(rec, where)
-        except SublabError as e:
-            raise SublabError(f"{e}; {fix}") from None
-        if "metadata" in rec:
-            meta = rec["metadata"]
-            if not isinstance(meta, dict):
-                raise SublabError(f"{where}: 'metadata' must be a JSON object, got {_json_type(meta)}; {fix}")
-            pi = meta.get("prompt_index")
-            if pi is not None and (not isinstance(pi, int) or isinstance(pi, bool)):
-                raise SublabError(
-                    f"{where}: metadata.prompt_index must be a whole number, got {_json_type(pi)}; {fix}"
-                )
-        out.append(rec)
-    return out
+    if path.is_dir():
+        raise SublabError(f"{path} is a folder; pass the JSONL file of answers (e.g. data/raw.jsonl)")
+    return read_jsonl(path, require_messages=True, check=_prompt_index_problem)
 
 
 def run_filter(

@@ -7,11 +7,14 @@ complete. `read_jsonl` names the file and line of any malformed record.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
+import re
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -62,28 +65,104 @@ def read_json(path: str | Path) -> Any:
         raise SublabError(f"{path}: not valid JSON ({e}); fix or delete the file and rerun") from None
 
 
-def read_jsonl(path: str | Path, require_messages: bool = False) -> list[dict]:
-    """Read a JSONL file; each line one JSON object. Errors name file and line number."""
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+_MAX_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_type(v: Any) -> str:
+    """How a JSON value is called in an error message ('an array', 'a string', ...)."""
+    return _JSON_TYPES.get(type(v), "a number" if isinstance(v, int | float) else type(v).__name__)
+
+
+def _structure_problem(rec: Any) -> str | None:
+    """Nesting deeper than _MAX_DEPTH, or a lone surrogate in any string (not valid Unicode, so it could
+    never be written back as UTF-8)."""
+    stack: list[tuple[Any, int, str]] = [(rec, 0, "")]
+    while stack:
+        obj, depth, loc = stack.pop()
+        if depth > _MAX_DEPTH:
+            return f"JSON nested deeper than {_MAX_DEPTH} levels"
+        if isinstance(obj, str):
+            m = _SURROGATE.search(obj)
+            if m:
+                return f"a lone surrogate \\u{ord(m.group()):04x} in the text at {loc or 'top level'}"
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                stack.append((k, depth + 1, f"{loc}.{ascii(k)[1:-1]} (key)"))
+                stack.append((v, depth + 1, f"{loc}.{ascii(k)[1:-1]}"))
+        elif isinstance(obj, list):
+            stack.extend((v, depth + 1, f"{loc}[{j}]") for j, v in enumerate(obj))
+    return None
+
+
+def _parse_line(raw: bytes, where: str) -> dict:
+    """One JSONL line -> a JSON object, or a SublabError naming file:line, the problem and the fix."""
+    fix = "fix or remove that line and rerun"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SublabError(
+            f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+            "convert the file to UTF-8 and rerun"
+        ) from None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SublabError(
+            f"{where}: malformed JSONL line ({e.msg} at column {e.colno}); each line must be one JSON object - {fix}"
+        ) from None
+    except RecursionError:
+        raise SublabError(f"{where}: JSON nested too deeply to read; {fix}") from None
+    except ValueError as e:  # e.g. an integer beyond Python's int-string conversion limit
+        what = (
+            f"a JSON number with more than {sys.get_int_max_str_digits()} digits"
+            if "integer string conversion" in str(e)
+            else f"unreadable JSON ({str(e).splitlines()[0][:100]})"
+        )
+        raise SublabError(f"{where}: {what}; {fix}") from None
+    if not isinstance(rec, dict):
+        raise SublabError(f"{where}: expected a JSON object (a chat record), got {json_type(rec)}; {fix}")
+    problem = _structure_problem(rec)
+    if problem:
+        raise SublabError(f"{where}: {problem}; {fix}")
+    if "metadata" in rec and not isinstance(rec["metadata"], dict):
+        raise SublabError(
+            f"{where}: 'metadata' must be a JSON object, got {json_type(rec['metadata'])}; {fix}"
+        )
+    return rec
+
+
+def read_jsonl(
+    path: str | Path, require_messages: bool = False, check: Callable[[dict], str | None] | None = None
+) -> list[dict]:
+    """Read a JSONL file, each line one JSON object, strictly: text that is not UTF-8, malformed or too
+    deeply nested JSON, huge numbers, lone surrogates and non-object `metadata` are SublabErrors that
+    name file:line and the fix. `require_messages`: each record must be a chat record. `check`: a
+    caller's own rule, returning a problem (named with file:line) or None."""
     path = Path(path)
     if not path.is_file():
         raise SublabError(f"file not found: {path} (check the path, or run the stage that writes it)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SublabError(f"cannot read {path}: {e.strerror or e}; check its permissions") from None
     out: list[dict] = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for i, raw in enumerate(data.splitlines(), start=1):
+        if i == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]
+        if not raw.strip():
+            continue
+        where = f"{path}:{i}"
+        rec = _parse_line(raw, where)
+        if require_messages:
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SublabError(
-                    f"{path}:{i}: malformed JSONL line ({e.msg}); each line must be one JSON object - "
-                    "fix or remove that line"
-                ) from None
-            if not isinstance(rec, dict):
-                raise SublabError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-            if require_messages:
-                validate_chat_record(rec, f"{path}:{i}")
-            out.append(rec)
+                validate_chat_record(rec, where)
+            except SublabError as e:
+                raise SublabError(f"{e}; fix or remove that line and rerun") from None
+        if check is not None and (problem := check(rec)):
+            raise SublabError(f"{where}: {problem}; fix or remove that line and rerun")
+        out.append(rec)
     return out
 
 

@@ -261,7 +261,7 @@ def write_sweep_report(root: str | Path) -> dict:
     panels = list(dict.fromkeys((r["condition"], r.get("setting", "")) for r in ordered))
     has_setting = any(s for _, s in panels)
     lines = [
-        f"# sublab sweep: {state['sweep']['name']}",
+        f"# sublab {'sweep' if state.get('sweep_file') else 'run'}: {state['sweep']['name']}",
         "",
         f"{len(rows)} finished runs of {len(state['runs'])}; stages computed "
         f"{state['counts']['stages_run']}, reused from the shared store {state['counts']['stages_shared']}, "

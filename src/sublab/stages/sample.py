@@ -38,12 +38,7 @@ def read_prompts(path: Path) -> list[dict]:
             or msgs[-1].get("role") != "user"
         ):
             raise SublabError(f"{path}: record {i + 1} needs a 'messages' list ending with a user message")
-        meta = rec.get("metadata") or {}
-        if not isinstance(meta, dict):
-            raise SublabError(
-                f"{path}: record {i + 1}: 'metadata' must be an object, got {type(meta).__name__}"
-            )
-        meta = dict(meta)
+        meta = dict(rec.get("metadata") or {})  # read_jsonl checked that it is an object
         meta.setdefault("prompt_index", i)
         out.append({"messages": msgs, "metadata": meta})
     return out
