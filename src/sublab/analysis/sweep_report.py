@@ -160,7 +160,7 @@ def plot(agg: dict, rows: list[dict], path: Path, condition: str, setting: str =
     ax.set_xticks(np.arange(len(targets)) + width, targets)
     ax.set_ylabel("P(target)")
     where = f"condition {condition}" + (f", {setting}" if setting else "")
-    ax.set_title(f"{where}: mean over seeds, 95% CI", fontsize=9)
+    ax.set_title(f"{where}: mean over units (replicate x organism seeds), 95% CI", fontsize=9)
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -203,7 +203,7 @@ def heatmap(agg: dict, path: Path) -> bool:
     ax.set_xticks(range(len(cols)), cols, rotation=20, ha="right", fontsize=8)
     ax.set_yticks(range(len(targets)), targets, fontsize=8)
     fig.colorbar(im, ax=ax, label="student - its control, P(target)")
-    ax.set_title("student - control across seeds (95% CI)", fontsize=9)
+    ax.set_title("student - control across units (95% CI)", fontsize=9)
     save_figure(fig, path)
     return True
 
@@ -245,7 +245,7 @@ def dose_response(agg: dict, axis: str, path: Path) -> None:
     ax.axhline(0, color="#777777", lw=0.8)
     ax.set_xlabel(axis)
     ax.set_ylabel("effect on P(target)")
-    ax.set_title(f"dose-response: effect vs {axis} (mean over seeds, 95% CI)", fontsize=9)
+    ax.set_title(f"dose-response: effect vs {axis} (mean over units (replicate x organism seeds), 95% CI)", fontsize=9)
     ax.legend(fontsize=6)
     save_figure(fig, path)
 
