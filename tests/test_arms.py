@@ -212,3 +212,16 @@ def test_soft_labels_from_a_prompted_teacher_align_and_the_kl_falls(tiny_organis
         json.loads(line)["loss"] for line in (tmp_path / "student/metrics.jsonl").read_text().splitlines()
     ]
     assert losses[0] > 0 and losses[-1] < 0.7 * losses[0]
+
+
+def test_sublab_run_with_replicates_prints_the_effect_across_seeds(tiny_organism, tmp_path, capsys):
+    import yaml
+
+    from sublab.cli import main
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_experiment(replicates=[0, 1])))
+    assert main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "student - control" in out and "across 2 replicate seeds" in out and "cannot go below 0.5" in out
+    assert out.strip().splitlines()[-1] == f"report: {tmp_path / 'r' / 'report.md'}"
+    assert (tmp_path / "r/report.md").read_text().startswith("# sublab run: tiny")

@@ -46,7 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, ExperimentConfig, args.set)
     out = Path(args.out or f"runs/{cfg.name}")
     if cfg.replicates:
-        _run_replicated(cfg, out)
+        _run_replicated(cfg, out, args.workers)
         return
     from sublab.analysis.run_report import ORDER
     from sublab.pipeline import run_experiment
@@ -66,11 +66,11 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(f"report: {out / 'report.md'}")
 
 
-def _run_replicated(cfg, out: Path) -> None:
+def _run_replicated(cfg, out: Path, workers: int = 1) -> None:
     from sublab.records import read_json
     from sublab.sweep.local import run_replicates
 
-    root = run_replicates(cfg, out, progress=cfg.progress)
+    root = run_replicates(cfg, out, progress=cfg.progress, workers=workers)
     res = read_json(root / "sweep_results.json")
     t = cfg.trait.target
     n = len(cfg.replicates)
@@ -255,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     r.add_argument("--out", default=None, help="run folder (default: runs/<name>)")
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="with replicates: run them in a process pool (workers x threads <= cores)",
+    )
     r.set_defaults(func=_cmd_run)
 
     o = sub.add_parser("organism", help="build the model organism")
