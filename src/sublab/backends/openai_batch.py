@@ -3,6 +3,10 @@
 back as an output file. Requests the batch reports as failed are re-sent one by one (with retries), so
 every request gets exactly one answer. At most 50,000 requests per batch (the official limit); a
 sampling stage sends one batch per chunk of prompts, so finished chunks survive an interruption.
+
+Polling has a deadline: the batch's completion window (its expires_at, 24h after creation) plus
+DEADLINE_GRACE_S. A batch still unfinished then is cancelled and the stage fails with a SublabError
+(rerun to resume), so a batch that an endpoint never finishes cannot hang a run.
 """
 
 from __future__ import annotations
@@ -10,12 +14,23 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 
 from sublab.errors import SublabError
 from sublab.records import sha256_json
 
 MAX_PER_BATCH = 50_000
 FINAL = ("completed", "failed", "expired", "cancelled")
+WINDOW_S = 86400.0  # completion_window "24h"
+DEADLINE_GRACE_S = 600.0
+
+
+def batch_deadline(batch, now: float | None = None) -> float:
+    """time.monotonic() value after which we stop waiting for `batch`: its completion window (from the
+    server's own created_at / expires_at, so clock skew does not matter) plus DEADLINE_GRACE_S."""
+    created, expires = getattr(batch, "created_at", None), getattr(batch, "expires_at", None)
+    window = expires - created if isinstance(created, int) and isinstance(expires, int) else WINDOW_S
+    return (time.monotonic() if now is None else now) + max(0.0, min(window, WINDOW_S)) + DEADLINE_GRACE_S
 
 
 def generate_batch(backend, bodies: list[dict]) -> list[str]:
@@ -57,7 +72,18 @@ def _one_batch(backend, bodies: list[dict]) -> list[str]:
             recover=find,
         )
         print(f"batch {batch.id}: {len(bodies)} requests", file=sys.stderr, flush=True)
+        deadline = batch_deadline(batch)
         while batch.status not in FINAL:
+            if time.monotonic() > deadline:
+                try:
+                    await client.call("batch cancel", lambda bid=batch.id: c.batches.cancel(bid))
+                except Exception:  # best effort: the error below is what matters
+                    pass
+                raise SublabError(
+                    f"batch {batch.id} is still {batch.status} after its completion window "
+                    f"({batch_deadline(batch, 0) - DEADLINE_GRACE_S:.0f} s + {DEADLINE_GRACE_S:.0f} s); "
+                    "cancelled it. Rerun to resume (finished chunks are kept)"
+                )
             await asyncio.sleep(api.poll_interval_s)
             batch = await client.call("batch", lambda bid=batch.id: c.batches.retrieve(bid))
         if batch.status != "completed":

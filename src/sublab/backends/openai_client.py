@@ -10,16 +10,20 @@ Every call goes through `ApiClient.call`: the official `AsyncOpenAI` client with
   (404, with the models the endpoint does have), a rejected request (400/422).
 Calls that create something (a file, a job, a batch) take a `recover` function: after a failure whose
 outcome is unknown (a dropped connection, a timeout, a 5xx) it looks for the object the failed try may
-have created, so a retry never makes a second job or batch.
+have created, so a retry never makes a second job or batch. Every try of one call also carries the same
+`Idempotency-Key` header (OpenAI's; `sublab serve` honours it for files, jobs and batches), so an
+endpoint that keeps keys returns the first try's object instead of making another.
 The key is read from the environment variable named by api_key_env, never written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import random
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -28,6 +32,25 @@ from sublab.errors import SublabError
 from sublab.schema.api import ApiConfig, is_local_url
 
 LOCAL_KEY = "sublab-local"  # sent to a localhost endpoint when the key variable is unset
+_CALL_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("sublab_idempotency_key", default=None)
+
+
+def _client_class():
+    """AsyncOpenAI whose POSTs carry the Idempotency-Key of the current `ApiClient.call` (the same key on
+    every retry of that call). The official client has the hook (`_idempotency_header`,
+    `_idempotency_key`) but sends no key by default; where a release lacks it, no key is sent."""
+    from openai import AsyncOpenAI
+
+    class _Client(AsyncOpenAI):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            if hasattr(self, "_idempotency_header"):
+                self._idempotency_header = "Idempotency-Key"
+
+        def _idempotency_key(self) -> str:
+            return _CALL_KEY.get() or super()._idempotency_key()
+
+    return _Client
 
 
 def install_hint() -> SublabError:
@@ -90,12 +113,11 @@ class ApiClient:
 
     def run(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         """Run `await fn(client)` to completion from synchronous code (a thread if a loop is running)."""
-        from openai import AsyncOpenAI
-
         key = self._key()
+        client_class = _client_class()
 
         async def main():
-            client = AsyncOpenAI(
+            client = client_class(
                 base_url=self.base_url, api_key=key, max_retries=0, timeout=self.api.timeout_s
             )
             async with client:
@@ -134,6 +156,13 @@ class ApiClient:
         `missing_ok`: a 404 returns None."""
         import openai
 
+        token = _CALL_KEY.set(f"sublab-{uuid.uuid4()}")  # one key for every try of this call
+        try:
+            return await self._call(what, fn, client, model, recover, missing_ok, openai)
+        finally:
+            _CALL_KEY.reset(token)
+
+    async def _call(self, what, fn, client, model, recover, missing_ok, openai) -> Any:
         api = self.api
         for attempt in range(api.max_retries + 1):
             self.stats["requests"] += 1

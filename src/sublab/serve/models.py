@@ -2,7 +2,9 @@
 
 The ids are the MODEL arguments of `sublab serve` (e.g. `organism/default`) plus every fine-tuned model
 a job has produced (`ft:<base>:<suffix>:<job id>`, persisted in the state folder). Loaded backends are
-kept in a small LRU; only the engine thread calls `backend()`.
+kept in a small LRU; only the engine thread calls `backend()`. Requests are tokenized before they reach
+the engine by a tokenizer of their own (`tokenizer()`, called only from the validation thread), which
+also gives the model's context length.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 from sublab.backends.base import ModelRef
 from sublab.errors import SublabError
 from sublab.serve.store import NotFound
+
+DEFAULT_CONTEXT = 4096  # a model whose config names no context length
 
 
 def ref_for(model: str) -> ModelRef:
@@ -38,6 +42,7 @@ class ModelRegistry:
         self.created: dict[str, int] = {}
         self.lock = threading.Lock()
         self._loaded: OrderedDict[str, object] = OrderedDict()
+        self._tokenizers: OrderedDict[str, tuple] = OrderedDict()
         self.max_loaded = max_loaded
         for m in models:
             self.add(m, ref_for(m))
@@ -79,3 +84,30 @@ class ModelRegistry:
         while len(self._loaded) > self.max_loaded:
             self._loaded.popitem(last=False)
         return backend
+
+    def tokenizer(self, model_id: str) -> tuple:
+        """(tokenizer, context length, system prompt) of a model, for checking requests (the validation
+        thread only). The tokenizer is loaded the way the backend loads it."""
+        ref = self.ref(model_id)
+        if model_id in self._tokenizers:
+            self._tokenizers.move_to_end(model_id)
+            return self._tokenizers[model_id]
+        from transformers import AutoConfig, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(ref.path)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        cfg = AutoConfig.from_pretrained(ref.path)
+        context = next(
+            (
+                int(v)
+                for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+                if isinstance(v := getattr(cfg, k, None), int) and v > 0
+            ),
+            DEFAULT_CONTEXT,
+        )
+        entry = (tok, min(context, DEFAULT_CONTEXT * 32), ref.system_prompt)
+        self._tokenizers[model_id] = entry
+        while len(self._tokenizers) > 4 * self.max_loaded:
+            self._tokenizers.popitem(last=False)
+        return entry

@@ -3,6 +3,7 @@ client restart (and a server restart, when the same --state-dir is given again).
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -10,9 +11,16 @@ from pathlib import Path
 
 from sublab.records import atomic_write_bytes, atomic_write_json, read_json
 
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
+
+
+def valid_id(s: str) -> bool:
+    """Ids the server makes are [A-Za-z0-9_-]; anything else is not one of ours (and never a path)."""
+    return isinstance(s, str) and _ID.fullmatch(s) is not None
 
 
 class NotFound(Exception):
@@ -46,14 +54,17 @@ class FileStore:
         return obj
 
     def get(self, fid: str) -> dict:
-        p = self.root / f"{fid}.json"
-        if "/" in fid or not p.is_file():
-            raise NotFound(f"No such File object: {fid}")
-        return read_json(p)
+        if not valid_id(fid) or not (self.root / f"{fid}.json").is_file():
+            raise NotFound(f"No such File object: {fid if valid_id(fid) else '(not a file id)'}")
+        return read_json(self.root / f"{fid}.json")
 
     def content(self, fid: str) -> bytes:
+        return self.path(fid).read_bytes()
+
+    def path(self, fid: str) -> Path:
+        """Where a file's content is (read it line by line instead of all at once)."""
         self.get(fid)
-        return (self.root / f"{fid}.data").read_bytes()
+        return self.root / f"{fid}.data"
 
     def list(self, purpose: str | None = None) -> list[dict]:
         objs = [read_json(p) for p in self.root.glob("*.json")]
