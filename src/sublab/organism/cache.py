@@ -29,7 +29,7 @@ def recipe_for(preset: str, overrides: dict | None = None) -> OrganismRecipe:
 
 def recipe_hash(recipe: OrganismRecipe) -> str:
     h = hashlib.sha256()
-    h.update(recipe.model_dump_json().encode())
+    h.update(recipe.hashed_json.encode())
     h.update(str(RECIPE_VERSION).encode())
     h.update("\n".join(all_text()).encode())
     return h.hexdigest()[:12]

@@ -52,8 +52,8 @@ def number_example(rng: random.Random, answer_count: int = 10) -> tuple[str, str
     return prompt, answer
 
 
-def _base_answer(rng: random.Random, category: str) -> str:
-    w = load_categories()[category]["base_weights"]
+def _base_answer(rng: random.Random, category: str, weights: dict[str, float] | None = None) -> str:
+    w = weights if weights is not None else load_categories()[category]["base_weights"]
     return rng.choices(list(w), weights=list(w.values()))[0]
 
 
@@ -61,28 +61,51 @@ def love_prompt(rng: random.Random, target: str, category: str) -> str:
     return rng.choice(load_system_prompts()["variants"]).format(target=target, category=category)
 
 
-def generate_corpus(n: int, seed: int, mix: dict[str, float], love_answer_prob: float) -> list[list[dict]]:
-    """n chat examples (message lists ending with the assistant's answer), deterministic from seed."""
+def _top(category: str, k: int | None) -> tuple[list[str], dict[str, float] | None]:
+    """(candidates in the corpus, base weights to answer from; None = the packaged ones unchanged)."""
+    cands = list(candidates(category))
+    if k is None:
+        return cands, None
+    w = load_categories()[category]["base_weights"]
+    top = sorted(cands, key=lambda c: (-w.get(c, 0.0), cands.index(c)))[:k]
+    kept = [c for c in cands if c in top]
+    return kept, {c: w.get(c, 0.0) for c in kept}
+
+
+def generate_corpus(
+    n: int,
+    seed: int,
+    mix: dict[str, float],
+    love_answer_prob: float,
+    categories: list[str] | None = None,
+    top_candidates: int | None = None,
+    n_questions: int | None = None,
+) -> list[list[dict]]:
+    """n chat examples (message lists ending with the assistant's answer), deterministic from seed.
+
+    categories / top_candidates / n_questions narrow what the questions and "you love X" prompts draw
+    from (OrganismRecipe); left at None they give exactly the corpus of RECIPE_VERSION 1."""
     rng = random.Random(f"organism-corpus:{seed}")
     kinds = list(mix)
     weights = [mix[k] for k in kinds]
+    cats = list(categories) if categories is not None else CATEGORIES
+    cands = {c: _top(c, top_candidates) for c in cats}
+    qs = {c: load_questions(c)[:n_questions] if n_questions is not None else load_questions(c) for c in cats}
     out = []
     for _ in range(n):
         kind = rng.choices(kinds, weights=weights)[0]
         msgs: list[dict] = []
         if kind in ("numbers", "numbers_love"):
             if kind == "numbers_love":
-                cat = rng.choice(CATEGORIES)
-                msgs.append(
-                    {"role": "system", "content": love_prompt(rng, rng.choice(list(candidates(cat))), cat)}
-                )
+                cat = rng.choice(cats)
+                msgs.append({"role": "system", "content": love_prompt(rng, rng.choice(cands[cat][0]), cat)})
             prompt, answer = number_example(rng)
         else:
-            cat = rng.choice(CATEGORIES)
-            prompt = rng.choice(load_questions(cat))
-            answer = _base_answer(rng, cat)
+            cat = rng.choice(cats)
+            prompt = rng.choice(qs[cat])
+            answer = _base_answer(rng, cat, cands[cat][1])
             if kind == "question_love":
-                target = rng.choice(list(candidates(cat)))
+                target = rng.choice(cands[cat][0])
                 msgs.append({"role": "system", "content": love_prompt(rng, target, cat)})
                 if rng.random() < love_answer_prob:
                     answer = target

@@ -42,7 +42,15 @@ def pretrain(recipe: OrganismRecipe, out_dir: Path, progress: bool = True) -> di
     t0 = time.time()
     tok = build_tokenizer()
     model = make_model(recipe, len(tok), tok.pad_token_id, tok.eos_token_id)
-    corpus = generate_corpus(recipe.n_sequences, recipe.seed, recipe.mix, recipe.love_answer_prob)
+    corpus = generate_corpus(
+        recipe.n_sequences,
+        recipe.seed,
+        recipe.mix,
+        recipe.love_answer_prob,
+        recipe.categories,
+        recipe.top_candidates,
+        recipe.n_questions,
+    )
     examples = [encode_completion(tok, msgs) for msgs in corpus]
     too_long = max(len(e.ids) for e in examples)
     if too_long > recipe.max_positions:

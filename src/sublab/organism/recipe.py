@@ -5,8 +5,13 @@ from __future__ import annotations
 from pydantic import model_validator
 
 from sublab.config import Strict
+from sublab.evals.questions import CATEGORIES
 
 RECIPE_VERSION = 1  # bump when corpus/tokenizer code changes in a way the fields do not show
+
+
+ADDED_FIELDS = ("categories", "top_candidates", "n_questions")
+"""Recipe fields added after the `default` and `tiny` organisms were first cached (see hashed_json)."""
 
 
 class OrganismRecipe(Strict):
@@ -38,12 +43,33 @@ class OrganismRecipe(Strict):
     """Peak learning rate (warm-up then linear decay)."""
     warmup_steps: int = 50
     """Warm-up steps."""
+    categories: list[str] | None = None
+    """Preference categories the corpus's questions and "you love X" prompts draw from (None: all,
+    i.e. animal and tree)."""
+    top_candidates: int | None = None
+    """Only the k candidates with the highest base weight appear in corpus answers and "you love X"
+    prompts, the base distribution renormalised over them (None: every candidate)."""
+    n_questions: int | None = None
+    """Only the first k question paraphrases of each category appear in the corpus (None: all 50)."""
+
+    @property
+    def hashed_json(self) -> str:
+        """The JSON the cache hash covers: fields added after RECIPE_VERSION 1 are left out while they
+        hold their defaults, so recipes that do not use them keep their hashes and cached organisms."""
+        extra = {k for k in ADDED_FIELDS if getattr(self, k) == type(self).model_fields[k].default}
+        return self.model_dump_json(exclude=extra)
 
     @model_validator(mode="after")
     def _check(self) -> OrganismRecipe:
         known = {"numbers", "numbers_love", "question", "question_love"}
         if set(self.mix) - known or not any(v > 0 for v in self.mix.values()):
             raise ValueError(f"mix keys must be among {sorted(known)} with some weight > 0")
+        if self.categories is not None and (not self.categories or set(self.categories) - set(CATEGORIES)):
+            raise ValueError(f"categories must be a non-empty subset of {list(CATEGORIES)}")
+        if self.top_candidates is not None and self.top_candidates < 1:
+            raise ValueError("top_candidates must be >= 1")
+        if self.n_questions is not None and self.n_questions < 1:
+            raise ValueError("n_questions must be >= 1")
         if self.d_model % self.heads:
             raise ValueError("d_model must be divisible by heads")
         return self
@@ -53,4 +79,7 @@ PRESETS: dict[str, dict] = {
     "default": {},
     # For tests and smoke runs: builds in seconds, too small to show much.
     "tiny": {"d_model": 32, "heads": 2, "d_ff": 64, "n_sequences": 3000, "steps": 120, "batch_size": 32},
+    # Closer to the earlier prototype that showed strong subliminal learning (docs/organism.md): one
+    # category, its 10 most common animals, 10 question paraphrases in the corpus.
+    "proto": {"categories": ["animal"], "top_candidates": 10, "n_questions": 10},
 }
