@@ -722,6 +722,26 @@ def test_bind_beyond_loopback_needs_a_key_and_bad_options_are_one_line(monkeypat
         assert len(err) == 1 and msg in err[0], err
 
 
+def test_every_limit_has_a_flag():
+    import argparse
+
+    from sublab.serve.options import MiB, ServeOptions, add_arguments, options_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    flags = ["--max-body-mb", "1", "--max-upload-mb", "2", "--max-prompt-tokens", "50", "--max-n", "4"]
+    flags += ["--max-top-logprobs", "5", "--max-scoring-top-logprobs", "100", "--max-logprob-entries", "999"]
+    flags += ["--max-queued", "7", "--max-queued-jobs", "3", "--max-active-batches", "2"]
+    flags += ["--max-batch-requests", "10", "--max-epochs", "9", "--allow-no-key"]
+    o = options_from_args(p.parse_args([MODEL, *flags]))
+    assert (o.max_body_bytes, o.max_upload_bytes, o.max_prompt_tokens, o.max_n) == (MiB, 2 * MiB, 50, 4)
+    assert (o.max_top_logprobs, o.max_scoring_top_logprobs, o.max_logprob_entries) == (5, 100, 999)
+    assert (o.max_queued, o.max_queued_jobs, o.max_active_batches) == (7, 3, 2)
+    assert (o.max_batch_requests, o.max_epochs, o.allow_no_key) == (10, 9, True)
+    limits = [f for f in ServeOptions.__dataclass_fields__ if f.startswith("max_") and f != "max_batch"]
+    assert all(f"--{f.replace('_', '-').replace('-bytes', '-mb')}" in " ".join(flags) for f in limits)
+
+
 def test_batch_client_gives_up_at_its_deadline(monkeypatch):
     """An endpoint that never finishes a batch: sublab's batch client cancels it and fails at the
     batch's completion window (+ grace) instead of polling forever."""

@@ -97,7 +97,6 @@ class Engine:
             "isolated": 0,
         }
         self._running: list[ChatJob] = []
-        self._hooked: set[int] = set()
         self.thread = threading.Thread(target=self._loop, name="sublab-engine", daemon=True)
         self.thread.start()
 
@@ -192,9 +191,10 @@ class Engine:
 
     def _backend(self, model_id: str):
         backend = self.models.backend(model_id)
-        if id(backend.model) not in self._hooked:  # stops a generation whose requests are all cancelled
+        if getattr(backend.model, "_sublab_engine_hook", None) is not self:
+            # stops a generation whose requests are all cancelled, at its next forward pass
             backend.model.register_forward_pre_hook(self._abort_check)
-            self._hooked.add(id(backend.model))
+            backend.model._sublab_engine_hook = self
         return backend
 
     def _run(self, jobs: list[ChatJob]) -> list[dict]:

@@ -135,7 +135,9 @@ def add_arguments(sv: argparse.ArgumentParser) -> None:
     )
     sv.add_argument("--faults", type=float, default=0.0, help="share of /v1/ requests that fail (0.2 = 20%%)")
     sv.add_argument("--fault-kinds", default="429,500,drop", help="comma list of 429, 500, drop")
-    sv.add_argument("--retry-after", type=float, default=d.retry_after_s, help="seconds a 429 asks to wait")
+    sv.add_argument(
+        "--retry-after", type=float, default=d.retry_after_s, help="seconds a 429 asks to wait (%(default)s)"
+    )
     sv.add_argument("--fault-seed", type=int, default=0)
     sv.add_argument(
         "--base-lr", type=float, default=d.base_lr, help="job lr = learning_rate_multiplier x this"
@@ -143,10 +145,16 @@ def add_arguments(sv: argparse.ArgumentParser) -> None:
     sv.add_argument("--job-delay", type=float, default=0.0, help="seconds a fine-tuning job stays queued")
     lim = sv.add_argument_group("limits (a request over one is refused before any work starts)")
     lim.add_argument(
-        "--max-body-mb", type=float, default=d.max_body_bytes / MiB, help="JSON request body (413 beyond)"
+        "--max-body-mb",
+        type=float,
+        default=d.max_body_bytes / MiB,
+        help="JSON request body, MiB (413 beyond; default: %(default)g)",
     )
     lim.add_argument(
-        "--max-upload-mb", type=float, default=d.max_upload_bytes / MiB, help="uploaded file (413 beyond)"
+        "--max-upload-mb",
+        type=float,
+        default=d.max_upload_bytes / MiB,
+        help="uploaded file, MiB (413 beyond; default: %(default)g)",
     )
     lim.add_argument(
         "--max-prompt-tokens",
@@ -155,42 +163,58 @@ def add_arguments(sv: argparse.ArgumentParser) -> None:
         help="prompt tokens of a chat request (default: the model's context); max_tokens is at most the "
         "context, and a completion stops where prompt + completion fill it",
     )
-    lim.add_argument("--max-n", type=int, default=d.max_n, help="choices per request (OpenAI: 128)")
     lim.add_argument(
-        "--max-top-logprobs", type=int, default=d.max_top_logprobs, help="top_logprobs (OpenAI: 20)"
+        "--max-n", type=int, default=d.max_n, help="choices per request (default and OpenAI: %(default)s)"
+    )
+    lim.add_argument(
+        "--max-top-logprobs",
+        type=int,
+        default=d.max_top_logprobs,
+        help="top_logprobs (default and OpenAI: %(default)s)",
     )
     lim.add_argument(
         "--max-scoring-top-logprobs",
         type=int,
         default=d.max_scoring_top_logprobs,
         help="top_logprobs of a one-token scoring request (n=1, max_tokens=1: sublab's exact evaluation "
-        "lists every candidate answer)",
+        "lists every candidate answer; default: %(default)s)",
     )
     lim.add_argument(
         "--max-logprob-entries",
         type=int,
         default=d.max_logprob_entries,
-        help="n x max_tokens x (1 + top_logprobs) of a request with logprobs",
+        help="n x max_tokens x (1 + top_logprobs) of a request with logprobs (default: %(default)s)",
     )
     lim.add_argument(
         "--max-queued",
         type=int,
         default=d.max_queued,
-        help="sequences (n summed) waiting for the engine; beyond: 429 with Retry-After",
+        help="sequences (n summed) waiting for the engine; beyond: 429 with Retry-After (default: %(default)s)",
     )
     lim.add_argument(
-        "--max-queued-jobs", type=int, default=d.max_queued_jobs, help="queued+running jobs (429)"
+        "--max-queued-jobs",
+        type=int,
+        default=d.max_queued_jobs,
+        help="queued + running fine-tuning jobs (429 beyond; default: %(default)s)",
     )
     lim.add_argument(
-        "--max-active-batches", type=int, default=d.max_active_batches, help="unfinished batches (429)"
+        "--max-active-batches",
+        type=int,
+        default=d.max_active_batches,
+        help="unfinished batches (429 beyond; default: %(default)s)",
     )
     lim.add_argument(
         "--max-batch-requests",
         type=int,
         default=d.max_batch_requests,
-        help="lines of a batch (OpenAI: 50,000)",
+        help="lines of a batch (default and OpenAI: %(default)s)",
     )
-    lim.add_argument("--max-epochs", type=int, default=d.max_epochs, help="n_epochs of a job (OpenAI: 50)")
+    lim.add_argument(
+        "--max-epochs",
+        type=int,
+        default=d.max_epochs,
+        help="n_epochs of a job (default and OpenAI: %(default)s)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
