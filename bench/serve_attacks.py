@@ -434,27 +434,30 @@ def attack_list(args):
         return r, t, "equals greedy" if same else "differs from greedy (junk)"
 
     def a_stop(url, srv):
-        from_prompt = "count : 1 , 2 , 3 , 4"
+        prompt = "The first numbers are 588, 389, 783, 491. Give up to 10 next numbers, each with at most 3 digits."
         base = {
             "model": MODEL,
-            "messages": [{"role": "user", "content": from_prompt}],
+            "messages": [{"role": "user", "content": prompt}],
             "max_tokens": 30,
-            "temperature": 0,
-            "logprobs": True,
+            "seed": 0,
         }
-        full, _ = chat(url, T, base)
+        full, _ = chat(url, T, {**base, "logprobs": True})
         text = full.json()["choices"][0]["message"]["content"]
-        words = text.split()
+        words = text.replace(",", " ").split()
         if len(words) < 2:
-            return full, 0, f"greedy text too short to test: {text!r}"
-        stop = words[len(words) // 2]
-        r, t = chat(url, T, {**base, "stop": stop})
+            return full, 0, f"text too short to test: {text!r}"
+        # a word whose first occurrence is well inside the text (so tokens come after the cut)
+        stop = next((w for w in words[len(words) // 2 :] if text.find(w) > len(text) // 3), words[-1])
+        r, t = chat(url, T, {**base, "logprobs": True, "stop": stop})
         c = r.json()
         n, lp = c["usage"]["completion_tokens"], len(c["choices"][0]["logprobs"]["content"])
         return (
             r,
             t,
-            f"stop {stop!r}: completion_tokens {n} (without stop {full.json()['usage']['completion_tokens']}), logprob entries {lp}",
+            (
+                f"stop {stop!r} at char {text.find(stop)} of {len(text)}: completion_tokens {n} "
+                f"(without stop {full.json()['usage']['completion_tokens']}), logprob entries {lp}"
+            ),
         )
 
     def a_events_half_line(url, srv):

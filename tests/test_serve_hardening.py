@@ -338,23 +338,24 @@ def test_top_p_zero_is_greedy_and_stop_cuts_tokens_and_logprobs(http):
     greedy = http.post("/v1/chat/completions", json=chat_body(temperature=0, max_tokens=12)).json()
     zero = http.post("/v1/chat/completions", json=chat_body(top_p=0, max_tokens=12, seed=99)).json()
     assert zero["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
-    prompt = "tell me some numbers : 3 , 7 , 11"
-    full = http.post(
-        "/v1/chat/completions", json=chat_body(prompt, temperature=0, max_tokens=30, logprobs=True)
-    ).json()
+    prompt = (
+        "The first numbers are 588, 389, 783, 491. Give up to 10 next numbers, each with at most 3 digits."
+    )
+    body = chat_body(prompt, seed=0, max_tokens=30, logprobs=True)
+    full = http.post("/v1/chat/completions", json=body).json()
     text = full["choices"][0]["message"]["content"]
-    words = text.split()
-    assert len(words) >= 3, text
-    stop = words[len(words) // 2]
-    cut = http.post(
-        "/v1/chat/completions", json=chat_body(prompt, temperature=0, max_tokens=30, logprobs=True, stop=stop)
-    ).json()
-    c = cut["choices"][0]
-    assert stop not in c["message"]["content"] and c["finish_reason"] == "stop"
-    assert text.startswith(c["message"]["content"].rstrip())
-    n = cut["usage"]["completion_tokens"]
-    assert n == len(c["logprobs"]["content"]) < full["usage"]["completion_tokens"]
-    assert stop in "".join(e["token"] for e in c["logprobs"]["content"][-2:])
+    words = text.replace(",", " ").split()
+    # a word that first occurs well inside the text, so tokens were generated after it
+    stop = next(w for w in words[len(words) // 2 :] if text.find(w) > len(text) // 3)
+    c = http.post("/v1/chat/completions", json={**body, "stop": stop}).json()
+    choice = c["choices"][0]
+    assert choice["message"]["content"] == text[: text.find(stop)] and choice["finish_reason"] == "stop"
+    n = c["usage"]["completion_tokens"]
+    assert n == len(choice["logprobs"]["content"]) < full["usage"]["completion_tokens"]
+    assert stop in choice["logprobs"]["content"][-1]["token"]  # the token that completes the stop sequence
+    assert [e["token"] for e in choice["logprobs"]["content"]] == [
+        e["token"] for e in full["choices"][0]["logprobs"]["content"][:n]
+    ]
 
 
 # ---- jobs and batches stop when cancelled --------------------------------------------------------

@@ -27,6 +27,7 @@ from sublab.serve.store import NotFound
 __all__ = ["ServeOptions", "add_arguments", "create_app", "options_from_args", "serve"]
 
 log = logging.getLogger("sublab.serve")
+INLINE_CHARS = 16384  # chat prompts shorter than this are checked on the event loop itself
 PURPOSES = ("fine-tune", "batch", "batch_output", "assistants", "user_data", "evals")
 
 
@@ -89,7 +90,7 @@ def create_app(opts: ServeOptions):
         files,
         models,
         engine,
-        check=lambda body: validator.submit(check_chat, body).result(),
+        check=check_chat,  # in the batch's own thread (its own tokenizer)
         window=opts.max_batch,
         max_requests=opts.max_batch_requests,
         max_active=opts.max_active_batches,
@@ -244,8 +245,10 @@ def create_app(opts: ServeOptions):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _json(request)
-        loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(validator, check_chat, body)
+        if sum(len(str(m)) for m in body.get("messages") or [] if isinstance(m, dict)) < INLINE_CHARS:
+            job = check_chat(body)  # a short prompt: tokenized right here, no thread hop
+        else:  # a long one in the validation thread, so the event loop stays free
+            job = await asyncio.get_running_loop().run_in_executor(validator, check_chat, body)
         try:
             fut = asyncio.wrap_future(engine.submit(job))
         except QueueFull:

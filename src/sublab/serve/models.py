@@ -3,8 +3,8 @@
 The ids are the MODEL arguments of `sublab serve` (e.g. `organism/default`) plus every fine-tuned model
 a job has produced (`ft:<base>:<suffix>:<job id>`, persisted in the state folder). Loaded backends are
 kept in a small LRU; only the engine thread calls `backend()`. Requests are tokenized before they reach
-the engine by a tokenizer of their own (`tokenizer()`, called only from the validation thread), which
-also gives the model's context length.
+the engine by tokenizers of their own (`tokenizer()`: one instance per model and calling thread, since
+a tokenizer is not safe to share between threads), which also give the model's context length.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class ModelRegistry:
         self.created: dict[str, int] = {}
         self.lock = threading.Lock()
         self._loaded: OrderedDict[str, object] = OrderedDict()
-        self._tokenizers: OrderedDict[str, tuple] = OrderedDict()
+        self._local = threading.local()
         self.max_loaded = max_loaded
         for m in models:
             self.add(m, ref_for(m))
@@ -86,12 +86,15 @@ class ModelRegistry:
         return backend
 
     def tokenizer(self, model_id: str) -> tuple:
-        """(tokenizer, context length, system prompt) of a model, for checking requests (the validation
-        thread only). The tokenizer is loaded the way the backend loads it."""
+        """(tokenizer, context length, system prompt) of a model, for checking requests; this thread's
+        own instance, loaded the way the backend loads it."""
         ref = self.ref(model_id)
-        if model_id in self._tokenizers:
-            self._tokenizers.move_to_end(model_id)
-            return self._tokenizers[model_id]
+        cache = getattr(self._local, "tokenizers", None)
+        if cache is None:
+            cache = self._local.tokenizers = OrderedDict()
+        if model_id in cache:
+            cache.move_to_end(model_id)
+            return cache[model_id]
         from transformers import AutoConfig, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(ref.path)
@@ -107,7 +110,7 @@ class ModelRegistry:
             DEFAULT_CONTEXT,
         )
         entry = (tok, min(context, DEFAULT_CONTEXT * 32), ref.system_prompt)
-        self._tokenizers[model_id] = entry
-        while len(self._tokenizers) > 4 * self.max_loaded:
-            self._tokenizers.popitem(last=False)
+        cache[model_id] = entry
+        while len(cache) > 4 * self.max_loaded:
+            cache.popitem(last=False)
         return entry
