@@ -457,6 +457,7 @@ def test_batch_bad_line_fails_alone_and_cancel_stops_the_work(srv, http):
     b = http.post("/v1/batches", json={"input_file_id": fid, "endpoint": "/v1/chat/completions"}).json()
     assert wait_for(lambda: http.get(f"/v1/batches/{b['id']}").json()["status"] == "in_progress", 30)
     wait_for(lambda: engine._running, 10, 0.005)
+    aborted = engine.stats["aborted"]
     http.post(f"/v1/batches/{b['id']}/cancel")
     final = wait_for(
         lambda: (x := http.get(f"/v1/batches/{b['id']}").json())["status"] == "cancelled" and x, 15, 0.05
@@ -465,6 +466,7 @@ def test_batch_bad_line_fails_alone_and_cancel_stops_the_work(srv, http):
     seqs = engine.stats["sequences"]
     time.sleep(1.0)
     assert engine.stats["sequences"] == seqs and engine.queued == 0  # nothing of it is still running
+    assert engine.stats["aborted"] > aborted  # the generation running at the cancel stopped mid-way
 
 
 # ---- idempotency --------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ class BatchManager:
         self.window, self.max_requests, self.max_active = window, max_requests, max_active
         self.lock = threading.RLock()
         self.cancels: dict[str, threading.Event] = {}
+        self.inflight: dict[str, deque] = {}  # each running batch's requests in the engine
         self.resumed = 0
         for b in self.list():
             if b["status"] in RUNNING:
@@ -180,6 +181,8 @@ class BatchManager:
                 return b
             b = self._update(batch_id, status="cancelling", cancelling_at=int(time.time()))
             self.cancels.setdefault(batch_id, threading.Event()).set()
+            for _, job, _ in list(self.inflight.get(batch_id, ())):  # the engine drops or stops them now
+                job.cancel()
         return b
 
     # ---- the worker ----------------------------------------------------------------------------
@@ -214,6 +217,7 @@ class BatchManager:
         finally:
             with self.lock:
                 self.cancels.pop(batch_id, None)
+                self.inflight.pop(batch_id, None)
 
     def _lines(self, b: dict):
         """(line number, parsed line) for each non-blank line of the input file, streamed."""
@@ -291,6 +295,7 @@ class BatchManager:
         out = (wdir / "out.jsonl").open("a", encoding="utf-8")
         err = (wdir / "err.jsonl").open("a", encoding="utf-8")
         inflight: deque = deque()  # (custom_id, job, future)
+        self.inflight[batch_id] = inflight
         in_engine = 0
         last = time.monotonic()
 
@@ -311,9 +316,9 @@ class BatchManager:
             counts["completed" if status == 200 else "failed"] += 1
 
         def settle_one() -> None:
+            """Wait for the oldest request in flight (it stays in `inflight`, so a cancel reaches it)."""
             nonlocal in_engine
-            cid, job, fut = inflight.popleft()
-            in_engine -= len(job.seeds)
+            cid, job, fut = inflight[0]
             while True:
                 if stop.is_set() or time.time() > b["expires_at"]:
                     raise _Stop
@@ -327,9 +332,14 @@ class BatchManager:
                 except Exception as e:
                     ref = secrets.token_hex(4)
                     log.warning("batch %s line %s failed [%s]: %s", batch_id, cid, ref, type(e).__name__)
-                    write(cid, 500, ApiError(500, f"generation failed (ref {ref})").body())
-                    return
-            write(cid, 200, completion_object(job, result))
+                    result = ApiError(500, f"generation failed (ref {ref})")
+                    break
+            inflight.popleft()
+            in_engine -= len(job.seeds)
+            if isinstance(result, ApiError):
+                write(cid, 500, result.body())
+            else:
+                write(cid, 200, completion_object(job, result))
 
         try:
             for _, raw in self._lines(b):
