@@ -921,7 +921,17 @@ def run_faults(args, report: dict) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="serve-faults-"))
     state = work / "state"
-    srv = Server(args, state, ["--faults", "0.2", "--retry-after", "0.05", "--job-delay", "600"]).start()
+    flags = [
+        "--faults",
+        "0.2",
+        "--retry-after",
+        "0.05",
+        "--job-delay",
+        "600",
+        "--fault-seed",
+        str(args.fault_seed),
+    ]
+    srv = Server(args, state, flags).start()
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY)  # default retries (2)
     made = {"files": 0, "jobs": 0, "batches": 0}
     failed = {"files": 0, "jobs": 0, "batches": 0}
@@ -944,6 +954,13 @@ def run_faults(args, report: dict) -> None:
             made["files"] += 1
         except openai.OpenAIError:
             failed["files"] += 1
+    setup = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=20)
+    if tf is None:  # the jobs and batches below need these two; their own retries are not counted
+        tf = setup.files.create(file=("t.jsonl", (json.dumps(rec) + "\n").encode()), purpose="fine-tune")
+        made["files"] += 1
+    if bf is None:
+        bf = setup.files.create(file=("b.jsonl", (json.dumps(line) + "\n").encode()), purpose="batch")
+        made["files"] += 1
     for _ in range(15):
         try:
             client.fine_tuning.jobs.create(model=MODEL, training_file=tf.id)
@@ -1007,6 +1024,7 @@ def main() -> int:
         "--kill-wait-s", type=float, default=120.0, help="how long a restarted server gets to finish"
     )
     ap.add_argument("--load-reps", type=int, default=1)
+    ap.add_argument("--fault-seed", type=int, default=0, help="faults mode: the server's --fault-seed")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args()
     args.src = args.src.resolve()

@@ -544,6 +544,17 @@ def test_no_duplicates_through_dropped_answers(tiny_organism, tmp_path, monkeypa
         assert len(app.state.jobs.list()) == 4 and len(app.state.batches.list()) == 3
         faults = app.state.faults.counts["drop"]
         assert faults >= 5 and ac.stats["retries"] >= 1
+        # every answer dropped: three tries of one create (the official client's retry count header),
+        # the retries' answers lost too, still make one job; the same with an Idempotency-Key
+        app.state.faults.rate = 1.0
+        n_jobs = len(app.state.jobs.list())
+        body = {"model": MODEL, "training_file": tf.id, "suffix": "dropped"}
+        for headers in ({}, {"Idempotency-Key": "k-dropped"}):
+            for tries in range(3):
+                with pytest.raises(httpx.HTTPError):
+                    h = {**AUTH, "x-stainless-retry-count": str(tries), **headers}
+                    httpx.post(f"{s.url}/v1/fine_tuning/jobs", json=body, headers=h, timeout=10)
+        assert len(app.state.jobs.list()) == n_jobs + 2
     finally:
         s.stop()
 

@@ -178,16 +178,18 @@ def create_app(opts: ServeOptions):
                 obj = create()
                 idem.remember(who, ikey, kind, fp, obj)
                 return obj
+        obj = None
         if request.headers.get("x-stainless-retry-count", "0") not in ("", "0"):
             found = idem.claim_undelivered(who, kind, fp)
             if found is not None:
                 try:
                     obj = get(found)
                     idem.stats["replayed_retry"] += 1
-                    return obj
                 except (NotFound, ApiError):
-                    pass
-        obj = create()
+                    obj = None
+        if obj is None:
+            obj = create()
+        # if this answer is lost too, the next retry gets the same object
         request.scope.get("sublab.on_undelivered", []).append(
             lambda: idem.undelivered(who, kind, fp, obj["id"])
         )
