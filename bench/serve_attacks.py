@@ -69,6 +69,9 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+STARTED: list[subprocess.Popen] = []  # every server this run started (all stopped at exit, whatever happens)
+
+
 class Server:
     """`sublab serve` as a subprocess (the code under --src) with an RSS sampler and a watchdog."""
 
@@ -95,6 +98,7 @@ class Server:
         cmd += ["--state-dir", str(self.state), *self.extra]
         self.log = open(self.state.parent / f"server-{self.port}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT)
+        STARTED.append(self.proc)
         t_end = time.time() + timeout
         while True:
             try:
@@ -1040,9 +1044,15 @@ def main() -> int:
     )
     report: dict = {"src": str(args.src)}
     modes = {"attacks": run_attacks, "load": run_load, "kill": run_kill, "faults": run_faults}
-    for m in args.only.split(","):
-        print(f"{m}:", flush=True)
-        modes[m.strip()](args, report)
+    try:
+        for m in args.only.split(","):
+            print(f"{m}:", flush=True)
+            modes[m.strip()](args, report)
+    finally:
+        for p in STARTED:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
