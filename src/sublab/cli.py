@@ -215,24 +215,9 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from sublab.serve.app import ServeOptions, serve
+    from sublab.serve.app import options_from_args, serve
 
-    kinds = tuple(k.strip() for k in args.fault_kinds.split(",") if k.strip())
-    opts = ServeOptions(
-        models=args.model,
-        host=args.host,
-        port=args.port,
-        state_dir=Path(args.state_dir) if args.state_dir else None,
-        api_key_env=args.api_key_env,
-        faults=args.faults,
-        fault_kinds=kinds,
-        retry_after_s=args.retry_after,
-        fault_seed=args.fault_seed,
-        base_lr=args.base_lr,
-        job_delay_s=args.job_delay,
-        threads=args.threads,
-    )
-    serve(opts)
+    serve(options_from_args(args))
 
 
 def _cmd_mnist(args: argparse.Namespace) -> None:
@@ -357,21 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_cmd_sweep)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible API over local models (chat, jobs, batches)")
-    sv.add_argument("model", nargs="+", help="model specs or folders with a model.json (organism/default)")
-    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--state-dir", default=None, help="files, jobs, batches (default: $SUBLAB_CACHE/serve)")
-    sv.add_argument(
-        "--api-key-env",
-        default="SUBLAB_SERVE_API_KEY",
-        help="if this environment variable is set, require 'Authorization: Bearer <its value>'",
-    )
-    sv.add_argument("--faults", type=float, default=0.0, help="share of /v1/ requests that fail (0.2 = 20%%)")
-    sv.add_argument("--fault-kinds", default="429,500,drop", help="comma list of 429, 500, drop")
-    sv.add_argument("--retry-after", type=float, default=0.05, help="seconds a 429 asks the client to wait")
-    sv.add_argument("--fault-seed", type=int, default=0)
-    sv.add_argument("--base-lr", type=float, default=3e-4, help="job lr = learning_rate_multiplier x this")
-    sv.add_argument("--job-delay", type=float, default=0.0, help="seconds a fine-tuning job stays queued")
+    from sublab.serve.options import add_arguments as serve_arguments
+
+    serve_arguments(sv)
     threads(sv)
     sv.set_defaults(func=_cmd_serve)
 
