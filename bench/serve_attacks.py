@@ -221,6 +221,24 @@ class Innocents:
 # ---- the attacks ---------------------------------------------------------------------------------
 
 
+def numbered_batch_lines(n: int, max_tokens: int) -> list[dict]:
+    """n Batch API lines of distinct numbered chat requests (seed i), for long-running batches."""
+    return [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": f"numbers {i}"}],
+                "max_tokens": max_tokens,
+                "seed": i,
+            },
+        }
+        for i in range(n)
+    ]
+
+
 def post(url: str, path: str, timeout: float, **kw):
     t0 = time.time()
     try:
@@ -552,20 +570,7 @@ def attack_list(args):
         return "worker held", time.time() - t_cancel, f"next job still queued {2 * T}s after the cancel"
 
     def a_batch_cancel(url, srv):
-        lines = [
-            {
-                "custom_id": f"r{i}",
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {
-                    "model": MODEL,
-                    "messages": [{"role": "user", "content": f"numbers {i}"}],
-                    "max_tokens": 100,
-                    "seed": i,
-                },
-            }
-            for i in range(2000)
-        ]
+        lines = numbered_batch_lines(2000, max_tokens=100)
         r, _ = upload(url, T, "".join(json.dumps(x) + "\n" for x in lines).encode())
         r, _ = post(
             url,
@@ -826,20 +831,7 @@ def run_kill(args, report: dict) -> None:
     out = {}
     srv = Server(args, state, ["--job-delay", "0"]).start()
     url = srv.url
-    lines = [
-        {
-            "custom_id": f"r{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": MODEL,
-                "messages": [{"role": "user", "content": f"numbers {i}"}],
-                "max_tokens": 48,
-                "seed": i,
-            },
-        }
-        for i in range(3000)
-    ]
+    lines = numbered_batch_lines(3000, max_tokens=48)
     fid = upload(url, 60, "".join(json.dumps(x) + "\n" for x in lines).encode())[0].json()["id"]
     bid = post(
         url,
