@@ -26,8 +26,8 @@ def tok():
     return build_tokenizer()
 
 
-def tiny_model(tok, seed=0):
-    r = OrganismRecipe(seed=seed, d_model=32, heads=2, d_ff=64, layers=1)
+def tiny_model(tok, seed=0, arch="llama"):
+    r = OrganismRecipe(seed=seed, d_model=32, heads=2, d_ff=64, layers=1, arch=arch)
     return make_model(r, len(tok), tok.pad_token_id, tok.eos_token_id)
 
 
@@ -67,8 +67,9 @@ def test_completion_only_loss_mask(tok):
     assert mask[1].sum() == 2 and attn[1].sum() == 3
 
 
-def test_sampling_seeds_are_per_request_and_batch_independent(tok):
-    m = tiny_model(tok)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sampling_seeds_are_per_request_and_batch_independent(tok, arch):
+    m = tiny_model(tok, arch=arch)
     prompts = [[3, 10 + i, 20, 5, 4] for i in range(6)]
     seeds = list(range(6))
     a = generate_ids(m, prompts, seeds, tok.eos_token_id, tok.pad_token_id, 8, batch_size=6)
@@ -77,8 +78,9 @@ def test_sampling_seeds_are_per_request_and_batch_independent(tok):
     assert a == b and a != c
 
 
-def test_greedy_sampling_with_left_padding_matches_one_at_a_time(tok):
-    m = tiny_model(tok)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_sampling_with_left_padding_matches_one_at_a_time(tok, arch):
+    m = tiny_model(tok, arch=arch)
     prompts = [[3, 10, 20, 5, 4], [3, 11, 4], [3, 12, 13, 14, 15, 16, 4]]
     batched = generate_ids(m, prompts, [0, 1, 2], tok.eos_token_id, tok.pad_token_id, 6, temperature=0)
     single = [
@@ -92,8 +94,9 @@ def test_greedy_sampling_with_left_padding_matches_one_at_a_time(tok):
     assert seq[len(prompts[1]) :] == single[1]
 
 
-def test_answer_logprobs_chain_rule(tok):
-    m = tiny_model(tok)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_answer_logprobs_chain_rule(tok, arch):
+    m = tiny_model(tok, arch=arch)
     prompt = [3, 10, 20, 4]
     cands = [[30], [31, 32]]
     lp = answer_logprobs(m, [prompt], cands)

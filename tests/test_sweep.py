@@ -178,3 +178,57 @@ def test_report_from_fixture_folders_heatmap_and_dose_response(tmp_path):
     assert "[config.yaml](runs/owl-r4-s0/config.yaml)" in md
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(figs)
+
+
+def test_models_expand_to_teacher_x_other_model_runs():
+    cfg = SweepConfig(
+        base="x.yaml", targets=["owl"], seeds=[0, 1], models=["organism/a", "organism/b"], other_seed=True
+    )
+    runs = expand(cfg)
+    # 2 teacher models x (1 other model + the other seed) x 2 seeds
+    assert len(runs) == 8
+    first = runs[0]
+    assert first["name"] == "sft-a-x-b-owl-seed0"
+    assert first["overrides"]["reference"] == "organism/a"
+    assert first["overrides"]["controls.other_reference"] == "organism/b"
+    assert first["overrides"]["controls.cross_init"] is True
+    seeded = [r for r in runs if r["labels"]["controls.other_reference"] == "other seed"]
+    assert len(seeded) == 4 and all(r["overrides"]["controls.other_reference"] is None for r in seeded)
+    assert len({r["name"] for r in runs}) == 8  # folder names are unique and hold no '/'
+    assert not any("/" in r["name"] for r in runs)
+    with pytest.raises(ValueError, match="at least two"):
+        SweepConfig(base="x.yaml", models=["organism/a"])
+    with pytest.raises(ValueError, match="twice"):
+        SweepConfig(base="x.yaml", models=["organism/a", "organism/a"])
+
+
+def test_cross_model_report_diagonal_once_per_unit(tmp_path):
+    from sublab.analysis.sweep_report import write_sweep_report
+
+    models = ["organism/a", "organism/b", "organism/c"]
+    runs = []
+    for t in models:
+        for o in [m for m in models if m != t] + ["other seed"]:
+            for seed in (0, 1, 2):
+                same = 0.20 + 0.01 * seed  # the same-init student, identical in both runs of teacher t
+                cross = 0.071 + 0.002 * seed if o != "organism/c" else 0.15 + 0.01 * seed
+                p = {"reference": 0.06, "control": 0.07, "student": same}
+                p |= {"cross_init": cross, "cross_init_control": 0.07 + 0.001 * seed}
+                labels = {"condition": "sft", "trait.target": "owl", "seed": seed}
+                labels |= {"reference": t, "controls.other_reference": o}
+                runs.append((f"{t[-1]}-{o[-1]}-{seed}", labels, p))
+    _fixture_sweep(tmp_path, runs)
+    write_sweep_report(tmp_path)
+    cells = read_json(tmp_path / "sweep_results.json")["cross_model"]
+    # 3 teachers x (itself, 2 other models, its other seed)
+    assert len(cells) == 12
+    diag = [c for c in cells if c["same_init"]]
+    assert len(diag) == 3 and all(len(c["units"]) == 3 for c in diag)  # counted once per unit
+    assert diag[0]["mean"] == pytest.approx(0.21 - 0.07)
+    off = {(c["teacher_model"], c["student_model"]): c for c in cells if not c["same_init"]}
+    assert off[("organism/a", "organism/b")]["mean"] == pytest.approx(0.001 + 0.001)
+    assert off[("organism/a", "organism/c")]["mean"] > 0.07  # a leak into c would show
+    assert ("organism/b", "organism/b (other seed)") in off
+    md = (tmp_path / "report.md").read_text()
+    assert "## Cross-model" in md and "| sft | owl | organism/a | organism/a (same) | 3 |" in md
+    assert (tmp_path / "figures" / "cross_model.png").is_file()

@@ -208,6 +208,92 @@ def heatmap(agg: dict, path: Path) -> bool:
     return True
 
 
+def cross_model(rows: list[dict]) -> list[dict]:
+    """Teacher model x student model cells of a cross-model sweep (`models:`): the same-init student -
+    control on the diagonal, each cross-init student - its control off it, paired by unit (the diagonal
+    appears in several runs of one teacher model and unit: their stages are shared, so it is counted
+    once). Holm across the cells of one condition, setting and target. [] for other sweeps."""
+    from sublab.sweep.config import OTHER_SEED
+
+    pairs: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
+    for r in rows:
+        axes = r.get("axes", {})
+        if "reference" not in axes or "controls.other_reference" not in axes:
+            continue
+        rest = setting_label(
+            {k: v for k, v in axes.items() if k not in ("reference", "controls.other_reference")}
+        )
+        t, o = axes["reference"], axes["controls.other_reference"]
+        other = f"{t} ({OTHER_SEED})" if o == OTHER_SEED else o
+        for student, a, b in ((t, "student", "control"), (other, "cross_init", "cross_init_control")):
+            if a in r["p"] and b in r["p"]:
+                pairs[(r["condition"], rest, r["target"], t, student)][r["unit"]] = (r["p"][a], r["p"][b])
+    cells = []
+    for (cond, rest, target, teacher, student), units in sorted(pairs.items()):
+        us = sorted(units)
+        c = compare_seeds([units[u][0] for u in us], [units[u][1] for u in us])
+        cells.append(
+            {
+                "condition": cond,
+                "setting": rest,
+                "target": target,
+                "teacher_model": teacher,
+                "student_model": student,
+                "same_init": teacher == student,
+                "units": us,
+                **c,
+            }
+        )
+    fams: dict[tuple, list[dict]] = defaultdict(list)
+    for c in cells:
+        fams[(c["condition"], c["setting"], c["target"])].append(c)
+    for fam in fams.values():
+        for c, p in zip(fam, holm([c["p_paired_t"] for c in fam]), strict=True):
+            c["p_holm"] = p
+    return cells
+
+
+def cross_model_heatmap(cells: list[dict], path: Path) -> None:
+    """One teacher model x student model panel per (condition, setting, target)."""
+    import numpy as np
+
+    fams: dict[tuple, list[dict]] = defaultdict(list)
+    for c in cells:
+        fams[(c["condition"], c["setting"], c["target"])].append(c)
+    plt = _plt()
+    fig, axs = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 4.2), squeeze=False)
+    for ax, ((cond, rest, target), fam) in zip(axs[0], sorted(fams.items()), strict=True):
+        teachers = list(dict.fromkeys(c["teacher_model"] for c in fam))
+        students = teachers + sorted({c["student_model"] for c in fam} - set(teachers))
+        cell = {(c["teacher_model"], c["student_model"]): c for c in fam}
+        m = np.array(
+            [[cell[(t, s)]["mean"] if (t, s) in cell else np.nan for s in students] for t in teachers]
+        )
+        lim = float(np.nanmax(np.abs(m))) or 1e-6
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        for i, t in enumerate(teachers):
+            for j, s in enumerate(students):
+                c = cell.get((t, s))
+                if c:
+                    ax.text(
+                        j,
+                        i,
+                        f"{c['mean']:+.3f}\n[{c['lo']:+.3f}, {c['hi']:+.3f}]",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if abs(c["mean"]) > 0.6 * lim else "black",
+                    )
+        short = [s.split("/")[-1] for s in students]
+        ax.set_xticks(range(len(students)), short, rotation=25, ha="right", fontsize=7)
+        ax.set_yticks(range(len(teachers)), [t.split("/")[-1] for t in teachers], fontsize=7)
+        ax.set_xlabel("student's init")
+        ax.set_ylabel("teacher's init")
+        ax.set_title(" / ".join(x for x in (cond, rest, target) if x), fontsize=8)
+        fig.colorbar(im, ax=ax, label="student - its control, P(target)")
+    save_figure(fig, path)
+
+
 def numeric_axes(rows: list[dict]) -> list[str]:
     """Swept config paths whose values are all numbers, with at least two distinct values."""
     values: dict[str, set] = defaultdict(set)
@@ -245,7 +331,9 @@ def dose_response(agg: dict, axis: str, path: Path) -> None:
     ax.axhline(0, color="#777777", lw=0.8)
     ax.set_xlabel(axis)
     ax.set_ylabel("effect on P(target)")
-    ax.set_title(f"dose-response: effect vs {axis} (mean over units (replicate x organism seeds), 95% CI)", fontsize=9)
+    ax.set_title(
+        f"dose-response: effect vs {axis} (mean over units (replicate x organism seeds), 95% CI)", fontsize=9
+    )
     ax.legend(fontsize=6)
     save_figure(fig, path)
 
@@ -299,6 +387,29 @@ def write_sweep_report(root: str | Path) -> dict:
     if heatmap(agg, fig):
         figs.append(fig)
         lines += ["![student - control heat map](figures/heatmap.png)", ""]
+    cells = cross_model(rows)
+    if cells:
+        fig = root / "figures" / "cross_model.png"
+        cross_model_heatmap(cells, fig)
+        figs.append(fig)
+        lines += [
+            "## Cross-model: teacher's init x student's init",
+            "",
+            "Student - its control in P(target), paired by unit, 95% CI; the diagonal is the student from "
+            "the teacher's own init. Holm across the cells of one condition, setting and target.",
+            "",
+            "| condition | target | teacher's init | student's init | units | mean | 95% CI | p (paired t) "
+            "| p (Holm) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in cells:
+            cond = " / ".join(x for x in (c["condition"], c["setting"]) if x)
+            lines.append(
+                f"| {cond} | {c['target']} | {c['teacher_model']} | {c['student_model']}"
+                f"{' (same)' if c['same_init'] else ''} | {len(c['units'])} | {c['mean']:+.4f} "
+                f"| [{c['lo']:+.4f}, {c['hi']:+.4f}] | {_p(c['p_paired_t'])} | {_p(c['p_holm'])} |"
+            )
+        lines += ["", "![cross-model heat map](figures/cross_model.png)", ""]
     for axis in numeric_axes(rows):
         fig = root / "figures" / f"dose_{axis.replace('.', '_')}.png"
         dose_response(agg, axis, fig)
@@ -343,7 +454,9 @@ def write_sweep_report(root: str | Path) -> dict:
             "",
         ]
     md = "\n".join(lines) + "\n"
-    atomic_write_json(root / "sweep_results.json", {"schema_version": 1, **agg, "runs": rows})
+    atomic_write_json(
+        root / "sweep_results.json", {"schema_version": 1, **agg, "cross_model": cells, "runs": rows}
+    )
     atomic_write_text(root / "report.md", md)
     html = render_html(md)
     for fig in figs:  # self-contained: embed the figures

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from sublab.backends.hf_train import TrainSettings, encode_completion, train_causal_lm
 from sublab.organism.corpus import generate_corpus
@@ -19,7 +19,26 @@ from sublab.organism.recipe import OrganismRecipe
 from sublab.organism.tokenizer import build_tokenizer
 
 
-def make_model(recipe: OrganismRecipe, vocab_size: int, pad_id: int, eos_id: int) -> LlamaForCausalLM:
+def make_model(recipe: OrganismRecipe, vocab_size: int, pad_id: int, eos_id: int) -> PreTrainedModel:
+    torch.manual_seed(recipe.seed)
+    if recipe.arch == "gpt2":
+        return GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab_size,
+                n_positions=recipe.max_positions,
+                n_embd=recipe.d_model,
+                n_layer=recipe.layers,
+                n_head=recipe.heads,
+                n_inner=recipe.d_ff,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                tie_word_embeddings=True,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+                bos_token_id=eos_id,
+            )
+        )
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=recipe.d_model,
@@ -33,7 +52,6 @@ def make_model(recipe: OrganismRecipe, vocab_size: int, pad_id: int, eos_id: int
         eos_token_id=eos_id,
         bos_token_id=None,
     )
-    torch.manual_seed(recipe.seed)
     return LlamaForCausalLM(cfg)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import model_validator
 
 from sublab.config import Strict
@@ -10,7 +12,7 @@ from sublab.evals.questions import CATEGORIES
 RECIPE_VERSION = 1  # bump when corpus/tokenizer code changes in a way the fields do not show
 
 
-ADDED_FIELDS = ("categories", "top_candidates", "n_questions")
+ADDED_FIELDS = ("arch", "categories", "top_candidates", "n_questions")
 """Recipe fields added after the `default` and `tiny` organisms were first cached (see hashed_json)."""
 
 
@@ -19,6 +21,9 @@ class OrganismRecipe(Strict):
 
     seed: int = 0
     """Seed for the init, the corpus and the data order. Another seed = another initialization."""
+    arch: Literal["llama", "gpt2"] = "llama"
+    """Model family: llama (RoPE, RMSNorm, gated SiLU MLP) or gpt2 (learned positions, LayerNorm, GELU
+    MLP, no dropout). Both share the word-level tokenizer."""
     layers: int = 2
     """Transformer layers."""
     d_model: int = 64
@@ -82,4 +87,16 @@ PRESETS: dict[str, dict] = {
     # Closer to the earlier prototype that showed strong subliminal learning (docs/organism.md): one
     # category, its 10 most common animals, 10 question paraphrases in the corpus.
     "proto": {"categories": ["animal"], "top_candidates": 10, "n_questions": 10},
+    # The proto family for cross-model grids: proto's corpus and tokenizer, other architectures of about
+    # its size. proto-deep: 4 thinner Llama layers; proto-gpt2: GPT-2 blocks (learned positions,
+    # LayerNorm, GELU MLP).
+    "proto-deep": {
+        "categories": ["animal"],
+        "top_candidates": 10,
+        "n_questions": 10,
+        "layers": 4,
+        "d_model": 48,
+        "d_ff": 192,
+    },
+    "proto-gpt2": {"categories": ["animal"], "top_candidates": 10, "n_questions": 10, "arch": "gpt2"},
 }

@@ -10,6 +10,7 @@ seeds x conditions x any config axis) from one YAML file.
     organism_seeds: [0, 1, 2]          # organism seeds (other reference models): the axis organism_seed
     conditions: [sft, cross-init]      # named conditions (CONDITIONS) or your own in condition_defs
     axes: {student.train.lr: [1.0e-4, 3.0e-4]}   # any config path with a list of values
+    models: [organism/proto, organism/proto-deep]  # cross-model grid: teacher model x student model
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ class SweepConfig(Strict):
     """Any config path -> list of values."""
     runs: list[dict[str, Any]] = []
     """list mode: one {config path: value} mapping per run."""
+    models: list[str] | None = None
+    """Cross-model grid (teacher model x student model): each listed model in turn is the reference (the
+    teacher's init and the same-init student's), and each run also trains a cross-init student (and its
+    control) from one other listed model, so there is one run per (teacher model, other model) and the
+    same-init students form the diagonal. Sets `reference`, `controls.cross_init` and
+    `controls.other_reference` per run."""
+    other_seed: bool = False
+    """With `models`: also a run per model whose cross-init student is the same model pretrained with
+    another seed (organism specs: organism_seed + controls.other_seed_offset)."""
     retries: int = 0
     """How often a failed run is retried before the sweep records it as failed."""
     resources: RayResources = RayResources()
@@ -81,6 +91,13 @@ class SweepConfig(Strict):
     def _check(self) -> SweepConfig:
         if self.mode == "list" and not self.runs:
             raise ValueError("mode: list needs a non-empty `runs` list")
+        if self.models is not None:
+            if len(set(self.models)) != len(self.models):
+                raise ValueError("`models` lists a model twice")
+            if len(self.models) < 2 and not self.other_seed:
+                raise ValueError("`models` needs at least two models (or other_seed: true)")
+            if self.mode == "list":
+                raise ValueError("`models` expands a grid; it cannot be combined with mode: list")
         return self
 
     def all_conditions(self) -> dict[str, dict[str, Any]]:
@@ -114,9 +131,30 @@ def check_path(path: str) -> None:
             cls = nested[0]
 
 
+OTHER_SEED = "other seed"
+"""The `controls.other_reference` label of a cross-model run whose other init is the same model with
+another seed."""
+
+
 def _label(path: str, value: Any) -> str:
+    if path in ("reference", "controls.other_reference"):  # specs hold '/': keep the last part
+        return ("x-" if path != "reference" else "") + str(value).split("/")[-1].replace(" ", "-")
     short = {"trait.target": "", "seed": "seed", "organism_seed": "org"}.get(path, path.split(".")[-1] + "=")
     return f"{short}{value}"
+
+
+def model_pairs(cfg: SweepConfig) -> list[tuple[dict, dict]]:
+    """(overrides, labels) of each (teacher model, other model) of a cross-model grid; [({}, {})] without
+    `models`."""
+    if cfg.models is None:
+        return [({}, {})]
+    out = []
+    for t in cfg.models:
+        others: list[str | None] = [s for s in cfg.models if s != t] + ([None] if cfg.other_seed else [])
+        for s in others:
+            over = {"reference": t, "controls.cross_init": True, "controls.other_reference": s}
+            out.append((over, {"reference": t, "controls.other_reference": s or OTHER_SEED}))
+    return out
 
 
 def expand(cfg: SweepConfig, base_replicates: list[int] | None = None) -> list[dict]:
@@ -152,16 +190,17 @@ def expand(cfg: SweepConfig, base_replicates: list[int] | None = None) -> list[d
         raise SublabError("sweep `conditions` is empty; give at least one (e.g. [sft])")
     runs = []
     for cond in cfg.conditions:
-        for combo in itertools.product(*axes.values()):
-            labels = dict(zip(axes, combo, strict=True))
-            name = "-".join([cond, *(_label(p, v) for p, v in labels.items())])
-            runs.append(
-                {
-                    "name": name,
-                    "overrides": {**conds[cond], **labels},
-                    "labels": {"condition": cond, **labels},
-                }
-            )
+        for pair_over, pair_labels in model_pairs(cfg):
+            for combo in itertools.product(*axes.values()):
+                labels = {**pair_labels, **dict(zip(axes, combo, strict=True))}
+                name = "-".join([cond, *(_label(p, v) for p, v in labels.items())])
+                runs.append(
+                    {
+                        "name": name,
+                        "overrides": {**conds[cond], **pair_over, **dict(zip(axes, combo, strict=True))},
+                        "labels": {"condition": cond, **labels},
+                    }
+                )
     return runs
 
 
