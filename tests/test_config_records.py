@@ -98,7 +98,7 @@ def test_every_shipped_config_validates():
     from sublab.config import load_config, read_yaml, validate
     from sublab.mnist.config import MnistConfig
     from sublab.schema import ExperimentConfig
-    from sublab.sweep.config import SweepConfig, expand
+    from sublab.sweep.config import SweepConfig, base_path, expand, run_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.rglob("*.yaml"))
@@ -107,6 +107,11 @@ def test_every_shipped_config_validates():
         if f.name.startswith("mnist"):
             load_config(f, MnistConfig, [])
         elif f.name.startswith("sweep"):
-            assert expand(validate(SweepConfig, read_yaml(f), str(f)))
+            sweep = validate(SweepConfig, read_yaml(f), str(f))
+            runs = expand(sweep)
+            assert runs
+            base = base_path(sweep, f)
+            for r in runs:  # every run's experiment config validates too
+                run_config(read_yaml(base), str(base), sweep.set, r["overrides"])
         else:
             load_config(f, ExperimentConfig, [])

@@ -79,3 +79,23 @@ def test_narrowed_corpus_is_well_formed():
     assert corpus == generate_corpus(
         2000, 0, r.mix, r.love_answer_prob, r.categories, r.top_candidates, r.n_questions
     )
+
+
+def test_proto_family_shares_tokenizer_and_corpus_but_not_architecture():
+    from sublab.organism.pretrain import make_model
+    from sublab.organism.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    family = ["proto", "proto-deep", "proto-gpt2"]
+    recipes = {p: recipe_for(p) for p in family}
+    corpus_fields = ("categories", "top_candidates", "n_questions", "mix", "n_sequences", "love_answer_prob")
+    for r in recipes.values():  # one corpus: only the architecture differs
+        assert all(getattr(r, f) == getattr(recipes["proto"], f) for f in corpus_fields)
+    assert len({recipe_hash(r) for r in recipes.values()}) == 3
+    models = {p: make_model(r, len(tok), tok.pad_token_id, tok.eos_token_id) for p, r in recipes.items()}
+    kinds = {p: (type(m).__name__, m.config.num_hidden_layers, m.config.hidden_size) for p, m in models.items()}
+    assert len(set(kinds.values())) == 3
+    assert kinds["proto-gpt2"][0] == "GPT2LMHeadModel" and kinds["proto-deep"][1] == 4
+    sizes = [sum(p.numel() for p in m.parameters()) for m in models.values()]
+    assert max(sizes) / min(sizes) < 1.3  # about the same size
+    assert recipe_for("proto-tree").categories == ["tree"]

@@ -99,4 +99,6 @@ PRESETS: dict[str, dict] = {
         "d_ff": 192,
     },
     "proto-gpt2": {"categories": ["animal"], "top_candidates": 10, "n_questions": 10, "arch": "gpt2"},
+    # proto for the other category: the 10 most common trees, 10 tree-question paraphrases.
+    "proto-tree": {"categories": ["tree"], "top_candidates": 10, "n_questions": 10},
 }
