@@ -93,7 +93,9 @@ def test_proto_family_shares_tokenizer_and_corpus_but_not_architecture():
         assert all(getattr(r, f) == getattr(recipes["proto"], f) for f in corpus_fields)
     assert len({recipe_hash(r) for r in recipes.values()}) == 3
     models = {p: make_model(r, len(tok), tok.pad_token_id, tok.eos_token_id) for p, r in recipes.items()}
-    kinds = {p: (type(m).__name__, m.config.num_hidden_layers, m.config.hidden_size) for p, m in models.items()}
+    kinds = {
+        p: (type(m).__name__, m.config.num_hidden_layers, m.config.hidden_size) for p, m in models.items()
+    }
     assert len(set(kinds.values())) == 3
     assert kinds["proto-gpt2"][0] == "GPT2LMHeadModel" and kinds["proto-deep"][1] == 4
     sizes = [sum(p.numel() for p in m.parameters()) for m in models.values()]
