@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
+
 from sublab.errors import SublabError
 from sublab.organism.recipe import PRESETS, RECIPE_VERSION, OrganismRecipe
 from sublab.organism.vocab_text import all_text
@@ -48,12 +50,16 @@ def ensure_organism(preset: str = "default", overrides: dict | None = None, prog
     if (final / "organism.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        pretrain(recipe, tmp / "model", progress=progress)
-        if final.exists():  # another process finished first
+    # one builder per organism: a second process (a sweep worker, another run) waits, then reuses it
+    with FileLock(str(final.parent / f".{final.name}.lock")):
+        if (final / "organism.json").is_file():
             return final
-        os.replace(tmp / "model", final)  # atomic: a half-built organism is never at `final`
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            pretrain(recipe, tmp / "model", progress=progress)
+            if final.exists():  # a builder without the lock finished first
+                return final
+            os.replace(tmp / "model", final)  # atomic: a half-built organism is never at `final`
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
