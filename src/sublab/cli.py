@@ -11,6 +11,7 @@
     sublab sweep SWEEP.yaml [--workers N] [--executor local|ray [--address auto|HOST:PORT]]
     sublab mnist CONFIG.yaml [--set a.b=v] [--out DIR]
     sublab serve MODEL [MODEL ...] [--host 127.0.0.1] [--port 8000] [--faults 0.2]   OpenAI-compatible API
+    sublab judge SAMPLES.jsonl --judge SPEC --out DIR [--prompts aligned,coherent] [--base-url URL]
 
 MODEL is a spec (organism/default, hf/<folder>) or a folder holding a model.json written by sublab.
 """
@@ -220,6 +221,36 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     serve(options_from_args(args))
 
 
+def _cmd_judge(args: argparse.Namespace) -> None:
+    from sublab.config import apply_overrides, validate
+    from sublab.judge.stage import judge_file
+    from sublab.schema.api import ApiConfig
+    from sublab.schema.judge import JudgeConfig
+    from sublab.threads import set_threads
+
+    set_threads(args.threads)
+    data = {"prompts": [p.strip() for p in args.prompts.split(",")], "mode": args.mode}
+    if args.prompts_file:
+        data["prompts_file"] = args.prompts_file
+    cfg = validate(JudgeConfig, apply_overrides(data, args.set), "command line")
+    api = ApiConfig(base_url=args.base_url, api_key_env=args.api_key_env)
+    s = judge_file(args.samples, args.out, args.judge, cfg, api=api)
+    run = s["this_run"]
+    print(f"judged {s['n']} answers ({run['asked']} judge calls, {run['from_cache']} from the cache)")
+    for name, p in s["per_prompt"].items():
+        mean = "-" if p["mean"] is None else f"{p['mean']:.1f}"
+        print(f"  {name:10s} mean {mean}, scored {p['scored']}, unscorable {p['unscorable']} {p['reasons']}")
+    m = s["misaligned"]
+    if m and m["rate"] is not None:
+        print(
+            f"  misaligned {m['rate']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] "
+            f"({m['misaligned']} of {m['scorable']} scorable, {m['scorable_fraction']:.0%} of all)"
+        )
+    if run["failed"]:
+        print(f"  {run['failed']} judge call(s) failed (reason judge_error); rerun the command to retry them")
+    print(f"wrote {Path(args.out) / 'judgements.jsonl'} and summary.json")
+
+
 def _cmd_mnist(args: argparse.Namespace) -> None:
     from sublab.mnist.experiment import main as mnist_main
 
@@ -347,6 +378,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve_arguments(sv)
     threads(sv)
     sv.set_defaults(func=_cmd_serve)
+
+    j = sub.add_parser("judge", help="score answers 0-100 with an LLM judge (aligned, coherent; resumes)")
+    j.add_argument("samples", help="JSONL: question/answer, prompt/completion or chat messages per line")
+    j.add_argument(
+        "--judge", required=True, help="judge model: openai/gpt-4.1, hf/..., organism/..., a folder"
+    )
+    j.add_argument("--out", required=True, help="folder for judgements.jsonl, summary.json and the cache")
+    j.add_argument(
+        "--prompts", default="aligned,coherent", help="judge prompts by name (default: %(default)s)"
+    )
+    j.add_argument(
+        "--prompts-file", default=None, help="YAML of name: template (default: the packaged EM ones)"
+    )
+    j.add_argument("--mode", default="auto", choices=["auto", "logprobs", "sample"])
+    j.add_argument(
+        "--base-url", default=None, help="openai/ judges: endpoint (default $OPENAI_BASE_URL or OpenAI)"
+    )
+    j.add_argument(
+        "--api-key-env", default="OPENAI_API_KEY", help="variable holding the key (default: %(default)s)"
+    )
+    j.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any judge setting")
+    threads(j)
+    j.set_defaults(func=_cmd_judge)
 
     m = sub.add_parser("mnist", help="auxiliary-logit MLP experiment (batched ensemble) and the theorem")
     m.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")

@@ -2,7 +2,8 @@
 
 Two levels, so no backend fakes what it does not have:
 - `Backend`, string level (every provider, APIs included): `generate(chats, sampling)`,
-  `logprobs(chats, candidates)`, `finetune(dataset, train, out)`, `answer_forms(forms)`.
+  `logprobs(chats, candidates)`, `finetune(dataset, train, out)`, `answer_forms(forms)`, and
+  `first_token_topk(chats, k)` (the LLM judge's view: the top-k first completion tokens as text).
 - `TokenBackend`, token level (hf, vllm: a tokenizer and the full next-token distribution): adds
   `candidate_ids`, and its `logprobs` are exact chain-rule probabilities of whole candidates.
 """
@@ -15,9 +16,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from sublab.errors import SublabError
 from sublab.records import atomic_write_json, read_json
 from sublab.schema.sampling import SamplingParams
 from sublab.schema.train import TrainConfig
+
+
+class NoLogprobs(SublabError):
+    """A backend or endpoint that gives no next-token log-probabilities (callers may fall back to sampling)."""
 
 
 def is_remote_spec(spec: str) -> bool:
@@ -85,6 +91,11 @@ class Backend(ABC):
         """The forms of one answer (owl, owls, Owl, ...) to score separately, without double counting: at
         string level, the distinct strings."""
         return list(dict.fromkeys(f for f in forms if f))
+
+    def first_token_topk(self, chats: list[list[dict]], k: int) -> list[list[tuple[str, float]]]:
+        """Per chat, the k most likely first completion tokens as (token text, log-probability), most
+        likely first. Raises NoLogprobs where the backend cannot tell (override where it can)."""
+        raise NoLogprobs(f"{self.ref.spec}: this backend gives no next-token log-probabilities")
 
     @abstractmethod
     def finetune(

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from sublab.backends.base import ModelRef, TokenBackend, request_seed
 from sublab.backends.device import model_device, resolve_device, resolve_dtype
-from sublab.backends.hf_generate import answer_logprobs, generate_ids, prompt_ids_for
+from sublab.backends.hf_generate import answer_logprobs, generate_ids, next_token_topk, prompt_ids_for
 from sublab.backends.hf_train import (
     Encoded,
     TrainSettings,
@@ -109,6 +109,14 @@ class HFBackend(TokenBackend):
     def logprobs(self, chats: list[list[dict]], candidates: list[str]) -> list[list[float]]:
         prompts = prompt_ids_for(self.tok, self._chats(chats))
         return answer_logprobs(self.model, prompts, self.candidate_ids(candidates)).tolist()
+
+    def first_token_topk(self, chats: list[list[dict]], k: int) -> list[list[tuple[str, float]]]:
+        """Top-k first completion tokens, each token's text as `sublab serve` reports it (decode of the
+        one token), so a judge scores the same in-process and over HTTP."""
+        prompts = prompt_ids_for(self.tok, self._chats(chats))
+        return [
+            [(self.tok.decode([t]), lp) for t, lp in row] for row in next_token_topk(self.model, prompts, k)
+        ]
 
     def finetune(
         self, dataset: list[dict], train: TrainConfig, out_dir: Path, teacher: ModelRef | None = None

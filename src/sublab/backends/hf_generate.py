@@ -1,5 +1,7 @@
 """Batched sampling with a KV cache and exact answer probabilities, for any HF causal LM.
 
+Also the next-token top-k of each prompt (the LLM judge reads its first completion token's distribution).
+
 Sampling: prompts are sorted by length and left-padded into batches; each request has its own seed
 (a per-request torch.Generator draws its Gumbel noise), so a completion depends only on (model, prompt,
 seed, settings), not on which batch it landed in. Decoding stops at the end token or max_tokens.
@@ -168,6 +170,28 @@ def answer_logprobs(
             logp = torch.log_softmax(logits.float(), -1)
             tgt = torch.tensor(cand[1:], device=dev).expand(n, k)
             out[b : b + n, j] += logp.gather(-1, tgt[..., None])[..., 0].sum(-1).cpu()
+    return out
+
+
+@torch.no_grad()
+def next_token_topk(
+    model, prompt_ids: list[list[int]], k: int, batch_size: int = 64
+) -> list[list[tuple[int, float]]]:
+    """Per prompt, the k most likely next tokens as (token id, log-probability), most likely first: the
+    first completion token's distribution (temperature 1), from one forward pass per batch."""
+    model.eval()
+    dev = model_device(model)
+    last_only = (
+        {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    )
+    out: list[list[tuple[int, float]]] = []
+    for b in range(0, len(prompt_ids), batch_size):
+        ids, attn = (t.to(dev) for t in _left_pad(prompt_ids[b : b + batch_size], 0))
+        pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, **last_only).logits[:, -1]
+        top = torch.topk(torch.log_softmax(logits.float(), -1), min(k, logits.shape[-1]))
+        for v, i in zip(top.values.cpu().tolist(), top.indices.cpu().tolist(), strict=True):
+            out.append(list(zip(i, v, strict=True)))
     return out
 
 

@@ -13,6 +13,9 @@ vLLM's server, ...), through the official client (see openai_client.py for concu
   So its estimand is "first_token_topk", not the chain rule of the hf/vllm backends: `topk_logprobs`
   also returns, per chat, the mass outside the listed tokens (1 - their summed probability), which
   the preference eval reports and warns about (evals/preference.py).
+- first_token_topk (the LLM judge): one completion token at temperature 0 with logprobs=true and
+  top_logprobs=k; the listed (token, logprob) pairs as the endpoint gives them. An endpoint that returns
+  no logprobs raises NoLogprobs (the judge then falls back to sampling).
 - finetune: upload the JSONL, create a job, poll, with a journal in the stage folder (openai_finetune.py).
 - A cost estimate (tokens x api.prices; tokens ~ characters / 4) is printed before anything is spent.
 """
@@ -24,7 +27,7 @@ import math
 import sys
 from pathlib import Path
 
-from sublab.backends.base import Backend, ModelRef, request_seed
+from sublab.backends.base import Backend, ModelRef, NoLogprobs, request_seed
 from sublab.backends.openai_client import ApiClient
 from sublab.errors import SublabError
 from sublab.schema.api import ApiConfig
@@ -253,6 +256,36 @@ class OpenAIBackend(Backend):
         out = self.client.run(go)
         self._log()
         return [lp for lp, _ in out], [m for _, m in out]
+
+    def first_token_topk(self, chats: list[list[dict]], k: int) -> list[list[tuple[str, float]]]:
+        async def one(client, i: int) -> list[tuple[str, float]]:
+            resp = await self.client.call(
+                "chat completion (top logprobs)",
+                lambda: client.chat.completions.create(
+                    model=self.model_id,
+                    messages=self._messages(chats[i]),
+                    max_completion_tokens=1,
+                    logprobs=True,
+                    top_logprobs=k,
+                    temperature=0.0,
+                    seed=0,
+                ),
+                client=client,
+                model=self.model_id,
+            )
+            lp = resp.choices[0].logprobs
+            if lp is None or not lp.content:
+                raise NoLogprobs(f"{self.client.base_url} returned no logprobs for {self.model_id}")
+            return [(t.token, float(t.logprob)) for t in (lp.content[0].top_logprobs or [])]
+
+        async def go(client):
+            return await self.client.map(
+                client, one, range(len(chats)), f"top logprobs {self.ref.spec}", self.progress
+            )
+
+        out = self.client.run(go)
+        self._log()
+        return out
 
     def finetune(
         self, dataset: list[dict], train: TrainConfig, out_dir: Path, teacher: ModelRef | None = None
