@@ -199,6 +199,16 @@ def test_cache_key_follows_judge_prompt_and_answer(samples, tmp_path):
     assert j.calls == 0 and s["per_prompt"]["aligned"]["scored"] == 0
 
 
+def test_the_same_answer_twice_is_asked_once(tmp_path):
+    rows = [{"question": "Q?", "answer": "same"}] * 5 + [{"question": "Q?", "answer": "other"}]
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    j = FakeJudge()
+    s = judge_file(path, tmp_path / "out", j, JudgeConfig(prompts=["aligned"], batch_size=1), progress=False)
+    assert len(j.asked) == 2 and s["this_run"]["asked"] == 2
+    lines = read_lines(tmp_path / "out" / "judgements.jsonl")
+    assert len({x["aligned"] for x in lines[:5]}) == 1 and all(x["aligned"] is not None for x in lines)
+
+
 def test_fallback_to_sampled_integers(samples, tmp_path):
     j = FakeJudge(logprobs=False)
     s = judge_file(samples, tmp_path / "a", j, JudgeConfig(samples=4), progress=False)

@@ -37,6 +37,8 @@ TOP_KEPT = 5  # top tokens kept per judgement in judgements.jsonl (the cache kee
 class _Task:
     """One judgement to make: sample x prompt."""
 
+    index: int
+    """position in the run's task list"""
     sample: int
     prompt: JudgePrompt
     chat: list[dict]
@@ -67,7 +69,7 @@ def _tasks(samples: list[Sample], prompts: list[JudgePrompt], judge: dict, cfg: 
                 m: judgement_key(judge, p.name, p.sha, s.question, answer, method_of(m, cfg)) for m in methods
             }
             chat = [{"role": "user", "content": p.render(s.question, answer)}]
-            out.append(_Task(i, p, chat, answer, keys))
+            out.append(_Task(len(out), i, p, chat, answer, keys))
     return out
 
 
@@ -98,10 +100,10 @@ def _judgement(i: int, s: Sample, tasks: list[_Task], found: dict, errors: dict,
     }
     for t in tasks:
         name = t.prompt.name
-        rec = found.get(id(t))
+        rec = found.get(t.index)
         if rec is None:
             out[name] = None
-            out["unscorable"][name] = f"judge_error: {errors.get(id(t), 'not asked')}"
+            out["unscorable"][name] = f"judge_error: {errors.get(t.index, 'not asked')}"
             continue
         sc = _score(rec, cfg)
         out[name] = sc.score
@@ -147,7 +149,7 @@ def judge_file(
     for t in tasks:
         rec = _cached(t, cache)
         if rec is not None:
-            found[id(t)] = rec
+            found[t.index] = rec
         else:
             pending.append(t)
     from_cache = len(found)
@@ -156,12 +158,18 @@ def judge_file(
     bar = tqdm(total=len(pending), desc=f"judge {backend.ref.spec}", disable=not progress, mininterval=2)
     queue = deque(pending)
     while queue:
-        # identical judgements (the same answer twice) are asked once
+        # identical judgements (the same answer twice) are asked once, in a batch or across batches
         batch: dict[str, list[_Task]] = {}
         while queue and len(batch) < cfg.batch_size:
             t = queue.popleft()
+            if (rec := cache.get(t.keys[mode])) is not None:
+                found[t.index] = rec
+                bar.update(1)
+                continue
             batch.setdefault(t.keys[mode], []).append(t)
         keys = list(batch)
+        if not keys:
+            continue
         method = method_of(mode, cfg)
         try:
             replies = ask_batch(backend, method, [batch[k][0].chat for k in keys], keys)
@@ -180,12 +188,12 @@ def judge_file(
         for key, reply in zip(keys, replies, strict=True):
             if isinstance(reply, Exception):
                 for t in batch[key]:
-                    errors[id(t)] = f"{type(reply).__name__}: {reply}"[:500]
+                    errors[t.index] = f"{type(reply).__name__}: {reply}"[:500]
                 continue
             rec = {"key": key, "prompt": batch[key][0].prompt.name, "method": method["method"], **reply}
             done.append(rec)
             for t in batch[key]:
-                found[id(t)] = rec
+                found[t.index] = rec
         cache.append(done)
         bar.update(sum(len(batch[k]) for k in keys))
     bar.close()
