@@ -222,52 +222,33 @@ class OpenAIBackend(Backend):
     ) -> tuple[list[list[float]], list[float]]:
         """(logprobs() for every chat x candidate, the probability mass outside the listed top-k tokens at
         the first answer position of each chat)."""
-        k = self.api.top_logprobs
-
-        async def one(client, i: int) -> tuple[list[float], float]:
-            resp = await self.client.call(
-                "chat completion (logprobs)",
-                lambda: client.chat.completions.create(
-                    model=self.model_id,
-                    messages=self._messages(chats[i]),
-                    max_completion_tokens=1,
-                    logprobs=True,
-                    top_logprobs=k,
-                    temperature=1.0,
-                    seed=0,
-                ),
-                client=client,
-                model=self.model_id,
-            )
-            lp = resp.choices[0].logprobs
-            if lp is None or not lp.content:
-                raise SublabError(
-                    f"{self.client.base_url} returned no logprobs for {self.model_id}; this endpoint or "
-                    "model does not support logprobs: use eval.mode: sample"
-                )
-            top = [(t.token, t.logprob) for t in (lp.content[0].top_logprobs or [])]
-            return candidate_logprobs(top, candidates), topk_missing_mass(top)
-
-        async def go(client):
-            return await self.client.map(
-                client, one, range(len(chats)), f"logprobs {self.ref.spec}", self.progress
-            )
-
-        out = self.client.run(go)
-        self._log()
-        return [lp for lp, _ in out], [m for _, m in out]
+        try:
+            tops = self._first_token_top(chats, self.api.top_logprobs, 1.0, "logprobs")
+        except NoLogprobs as e:
+            raise SublabError(
+                f"{e}; this endpoint or model does not support logprobs: use eval.mode: sample"
+            ) from None
+        return [candidate_logprobs(t, candidates) for t in tops], [topk_missing_mass(t) for t in tops]
 
     def first_token_topk(self, chats: list[list[dict]], k: int) -> list[list[tuple[str, float]]]:
+        return self._first_token_top(chats, k, 0.0, "top logprobs")
+
+    def _first_token_top(
+        self, chats: list[list[dict]], k: int, temperature: float, what: str
+    ) -> list[list[tuple[str, float]]]:
+        """The top-k (token, log-prob) of one completion token per chat (seed 0); NoLogprobs when the
+        endpoint returns none."""
+
         async def one(client, i: int) -> list[tuple[str, float]]:
             resp = await self.client.call(
-                "chat completion (top logprobs)",
+                f"chat completion ({what})",
                 lambda: client.chat.completions.create(
                     model=self.model_id,
                     messages=self._messages(chats[i]),
                     max_completion_tokens=1,
                     logprobs=True,
                     top_logprobs=k,
-                    temperature=0.0,
+                    temperature=temperature,
                     seed=0,
                 ),
                 client=client,
@@ -280,7 +261,7 @@ class OpenAIBackend(Backend):
 
         async def go(client):
             return await self.client.map(
-                client, one, range(len(chats)), f"top logprobs {self.ref.spec}", self.progress
+                client, one, range(len(chats)), f"{what} {self.ref.spec}", self.progress
             )
 
         out = self.client.run(go)
