@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -68,3 +76,40 @@ def sweep_file(tmp_path):
     }
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     return tmp_path / "sweep.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_subprocess(cache_dir: Path, state: Path, args: list[str] = (), env: dict | None = None):
+    """`sublab serve organism/tiny ARGS` as a subprocess on a free port, its log in state/server.log;
+    yields the server's root URL once /health answers, stops it on exit."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "SUBLAB_CACHE": str(cache_dir), "SUBLAB_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "sublab.cli", "serve", "organism/tiny", "--port", str(port)]
+    cmd += ["--state-dir", str(state), *args]
+    log = open(state / "server.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    root = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    try:
+        while True:
+            try:
+                if httpx.get(f"{root}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"sublab serve did not start:\n{(state / 'server.log').read_text()}")
+            time.sleep(0.2)
+        yield root
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()

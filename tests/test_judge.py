@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -301,41 +296,16 @@ def test_answer_text_is_never_read_as_template():
 # ---- the organism as a judge, in-process and over HTTP -----------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served_organism(tiny_organism, cache_dir, tmp_path_factory):
     """`sublab serve organism/tiny` as a subprocess on a free port; yields its /v1 URL."""
-    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("httpx")
     pytest.importorskip("openai")
     pytest.importorskip("fastapi")
-    port = free_port()
-    state = tmp_path_factory.mktemp("judge-serve")
-    env = {**os.environ, "SUBLAB_CACHE": str(cache_dir), "SUBLAB_THREADS": "1"}
-    cmd = [sys.executable, "-m", "sublab.cli", "serve", "organism/tiny", "--port", str(port)]
-    cmd += ["--state-dir", str(state)]
-    log = open(state / "server.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    root = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{root}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.close()
-            raise RuntimeError(f"sublab serve did not start:\n{(state / 'server.log').read_text()}")
-        time.sleep(0.2)
-    yield f"{root}/v1"
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
+    from conftest import serve_subprocess
+
+    with serve_subprocess(cache_dir, tmp_path_factory.mktemp("judge-serve")) as root:
+        yield f"{root}/v1"
 
 
 def test_organism_judge_in_process_equals_sublab_serve_over_http(tiny_organism, served_organism, tmp_path):

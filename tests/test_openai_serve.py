@@ -8,15 +8,12 @@ test below also exercises the retries.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port, serve_subprocess
 
 from sublab.backends.base import ModelRef
 from sublab.errors import SublabError
@@ -31,38 +28,13 @@ KEY_ENV = "SUBLAB_TEST_API_KEY"
 KEY = "test-key-123"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_organism, cache_dir, tmp_path_factory):
     """`sublab serve organism/tiny` as a subprocess on a free port; yields its base URL."""
-    port = free_port()
     state = tmp_path_factory.mktemp("serve-state")
-    env = {**os.environ, "SUBLAB_CACHE": str(cache_dir), "SUBLAB_THREADS": "1", "SUBLAB_SERVE_API_KEY": KEY}
-    cmd = [sys.executable, "-m", "sublab.cli", "serve", "organism/tiny", "--port", str(port)]
-    cmd += ["--state-dir", str(state), "--faults", "0.2", "--retry-after", "0.01", "--job-delay", "0.3"]
-    log = open(state / "server.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    root = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{root}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.close()
-            raise RuntimeError(f"sublab serve did not start:\n{(state / 'server.log').read_text()}")
-        time.sleep(0.2)
-    yield root
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
+    args = ["--faults", "0.2", "--retry-after", "0.01", "--job-delay", "0.3"]
+    with serve_subprocess(cache_dir, state, args, {"SUBLAB_SERVE_API_KEY": KEY}) as root:
+        yield root
 
 
 @pytest.fixture
