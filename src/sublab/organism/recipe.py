@@ -80,25 +80,20 @@ class OrganismRecipe(Strict):
         return self
 
 
+_PROTO = {"categories": ["animal"], "top_candidates": 10, "n_questions": 10}
+
 PRESETS: dict[str, dict] = {
     "default": {},
     # For tests and smoke runs: builds in seconds, too small to show much.
     "tiny": {"d_model": 32, "heads": 2, "d_ff": 64, "n_sequences": 3000, "steps": 120, "batch_size": 32},
     # Closer to the earlier prototype that showed strong subliminal learning (docs/organism.md): one
-    # category, its 10 most common animals, 10 question paraphrases in the corpus.
-    "proto": {"categories": ["animal"], "top_candidates": 10, "n_questions": 10},
+    # category, its 10 most common animals, 10 question paraphrases in the corpus. The quickstart's.
+    "proto": _PROTO,
     # The proto family for cross-model grids: proto's corpus and tokenizer, other architectures of about
     # its size. proto-deep: 4 thinner Llama layers; proto-gpt2: GPT-2 blocks (learned positions,
     # LayerNorm, GELU MLP).
-    "proto-deep": {
-        "categories": ["animal"],
-        "top_candidates": 10,
-        "n_questions": 10,
-        "layers": 4,
-        "d_model": 48,
-        "d_ff": 192,
-    },
-    "proto-gpt2": {"categories": ["animal"], "top_candidates": 10, "n_questions": 10, "arch": "gpt2"},
+    "proto-deep": {**_PROTO, "layers": 4, "d_model": 48, "d_ff": 192},
+    "proto-gpt2": {**_PROTO, "arch": "gpt2"},
     # proto for the other category: the 10 most common trees, 10 tree-question paraphrases.
-    "proto-tree": {"categories": ["tree"], "top_candidates": 10, "n_questions": 10},
+    "proto-tree": {**_PROTO, "categories": ["tree"]},
 }
