@@ -170,26 +170,17 @@ def _column(e: dict) -> str:
     return " / ".join(x for x in (e["condition"], e["setting"], init) if x)
 
 
-def heatmap(agg: dict, path: Path) -> bool:
-    """Targets x (condition, setting, student init) grid of student - control (mean over seeds), each
-    cell annotated with its 95% CI: the cross-init and cross-model view. False when there is only one
-    column (nothing to compare)."""
+def _effect_grid(ax, cell: dict, rows: list, cols: list):
+    """Draw effects (cell[(row, col)] with mean, lo, hi) as a diverging colour grid, each cell annotated
+    with its mean and 95% CI; returns the image for a colour bar."""
     import numpy as np
 
-    effects = agg["effects"]
-    cols = list(dict.fromkeys(_column(e) for e in effects))  # effects come sorted by condition, setting
-    targets = sorted({e["target"] for e in effects})
-    if len(cols) < 2:
-        return False
-    cell = {(e["target"], _column(e)): e for e in effects}
-    m = np.array([[cell[(t, c)]["mean"] if (t, c) in cell else np.nan for c in cols] for t in targets])
+    m = np.array([[cell[(r, c)]["mean"] if (r, c) in cell else np.nan for c in cols] for r in rows])
     lim = float(np.nanmax(np.abs(m))) or 1e-6
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.9 * len(cols) + 2.2, 0.6 * len(targets) + 1.8))
     im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-    for i, t in enumerate(targets):
+    for i, r in enumerate(rows):
         for j, c in enumerate(cols):
-            e = cell.get((t, c))
+            e = cell.get((r, c))
             if e:
                 ax.text(
                     j,
@@ -200,6 +191,22 @@ def heatmap(agg: dict, path: Path) -> bool:
                     fontsize=7,
                     color="white" if abs(e["mean"]) > 0.6 * lim else "black",
                 )
+    return im
+
+
+def heatmap(agg: dict, path: Path) -> bool:
+    """Targets x (condition, setting, student init) grid of student - control (mean over seeds), each
+    cell annotated with its 95% CI: the cross-init and cross-model view. False when there is only one
+    column (nothing to compare)."""
+    effects = agg["effects"]
+    cols = list(dict.fromkeys(_column(e) for e in effects))  # effects come sorted by condition, setting
+    targets = sorted({e["target"] for e in effects})
+    if len(cols) < 2:
+        return False
+    cell = {(e["target"], _column(e)): e for e in effects}
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.9 * len(cols) + 2.2, 0.6 * len(targets) + 1.8))
+    im = _effect_grid(ax, cell, targets, cols)
     ax.set_xticks(range(len(cols)), cols, rotation=20, ha="right", fontsize=8)
     ax.set_yticks(range(len(targets)), targets, fontsize=8)
     fig.colorbar(im, ax=ax, label="student - its control, P(target)")
@@ -255,8 +262,6 @@ def cross_model(rows: list[dict]) -> list[dict]:
 
 def cross_model_heatmap(cells: list[dict], path: Path) -> None:
     """One teacher model x student model panel per (condition, setting, target)."""
-    import numpy as np
-
     fams: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         fams[(c["condition"], c["setting"], c["target"])].append(c)
@@ -266,24 +271,7 @@ def cross_model_heatmap(cells: list[dict], path: Path) -> None:
         teachers = list(dict.fromkeys(c["teacher_model"] for c in fam))
         students = teachers + sorted({c["student_model"] for c in fam} - set(teachers))
         cell = {(c["teacher_model"], c["student_model"]): c for c in fam}
-        m = np.array(
-            [[cell[(t, s)]["mean"] if (t, s) in cell else np.nan for s in students] for t in teachers]
-        )
-        lim = float(np.nanmax(np.abs(m))) or 1e-6
-        im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-        for i, t in enumerate(teachers):
-            for j, s in enumerate(students):
-                c = cell.get((t, s))
-                if c:
-                    ax.text(
-                        j,
-                        i,
-                        f"{c['mean']:+.3f}\n[{c['lo']:+.3f}, {c['hi']:+.3f}]",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if abs(c["mean"]) > 0.6 * lim else "black",
-                    )
+        im = _effect_grid(ax, cell, teachers, students)
         short = [s.split("/")[-1] for s in students]
         ax.set_xticks(range(len(students)), short, rotation=25, ha="right", fontsize=7)
         ax.set_yticks(range(len(teachers)), [t.split("/")[-1] for t in teachers], fontsize=7)
