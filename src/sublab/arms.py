@@ -18,11 +18,19 @@ from pydantic import BaseModel, ConfigDict
 
 from sublab.schema import ExperimentConfig
 
-Source = Literal["teacher", "reference"]
 Init = Literal["reference", "other_reference"]
+Source = str
+"""Whose answers: "teacher", "reference", or "teacher_NAME" (a control teacher, controls.control_teachers)."""
 
 DATA_DIRS: dict[str, str] = {"teacher": "data", "reference": "control/data"}
-"""Where each data source's prompts are answered, filtered and subsampled."""
+"""Where each data source's prompts are answered, filtered and subsampled (control teachers: data_dir())."""
+
+
+def data_dir(source: Source) -> str:
+    """teacher -> data, reference -> control/data, teacher_NAME -> controls/NAME/data."""
+    if source in DATA_DIRS:
+        return DATA_DIRS[source]
+    return f"controls/{source.removeprefix('teacher_')}/data"
 
 
 class Arm(BaseModel):
@@ -34,17 +42,18 @@ class Arm(BaseModel):
     init: Init
     """The model it is finetuned from: the reference, or the other init (cross-init controls)."""
     data: Source
-    """Whose answers it trains on: the teacher's, or the reference model's (no trait)."""
+    """Whose answers it trains on: the teacher's, the reference model's (no trait), or a control
+    teacher's (teacher_NAME)."""
     soft_teacher: Source | None
     """soft_label training: whose next-token distributions it matches (None for sft)."""
-    compare_with: str | None
-    """The arm it is compared against in reports (its control), or None for a control itself."""
+    compare_with: tuple[str, ...]
+    """The arms it is compared against in reports (its controls); empty for a control itself."""
     role: str
     """What the arm tests, in words."""
 
     @property
     def data_dir(self) -> str:
-        return DATA_DIRS[self.data]
+        return data_dir(self.data)
 
 
 def arm_table(cfg: ExperimentConfig) -> list[Arm]:
@@ -53,7 +62,7 @@ def arm_table(cfg: ExperimentConfig) -> list[Arm]:
     soft = cfg.student.train.method == "soft_label"
     init: Init = "other_reference" if cfg.student.init == "other-seed" else "reference"
 
-    def arm(name: str, init: Init, data: Source, compare: str | None, role: str) -> Arm:
+    def arm(name: str, init: Init, data: Source, compare: tuple[str, ...], role: str) -> Arm:
         return Arm(
             name=name,
             init=init,
@@ -64,21 +73,32 @@ def arm_table(cfg: ExperimentConfig) -> list[Arm]:
         )
 
     other = " (other init)" if init == "other_reference" else ""
-    arms = [arm("student", init, "teacher", "control" if cfg.controls.control else None, "student" + other)]
+    controls = (("control",) if cfg.controls.control else ()) + tuple(
+        f"control_{n}" for n in cfg.controls.control_teachers
+    )
+    arms = [arm("student", init, "teacher", controls, "student" + other)]
     if cfg.controls.control:
         arms.append(
-            arm("control", init, "reference", None, "control: same recipe, data without the trait" + other)
+            arm("control", init, "reference", (), "control: same recipe, data without the trait" + other)
+        )
+    for n, data in cfg.controls.control_teachers.items():
+        arms.append(
+            arm(f"control_{n}", init, f"teacher_{n}", (), f"student of control teacher {n} ({data})" + other)
         )
     if cfg.controls.cross_init:
         arms += [
             arm(
-                "cross_init", "other_reference", "teacher", "cross_init_control", "student from another init"
+                "cross_init",
+                "other_reference",
+                "teacher",
+                ("cross_init_control",),
+                "student from another init",
             ),
             arm(
                 "cross_init_control",
                 "other_reference",
                 "reference",
-                None,
+                (),
                 "control of the cross-init student",
             ),
         ]
@@ -86,11 +106,12 @@ def arm_table(cfg: ExperimentConfig) -> list[Arm]:
 
 
 def data_sources(arms: list[Arm]) -> list[Source]:
-    """The data sources the arms train on, teacher first (each is sampled and filtered once)."""
-    used = {a.data for a in arms}
-    return [s for s in ("teacher", "reference") if s in used]
+    """The data sources the arms train on, teacher first, then the reference, then control teachers in
+    table order (each is sampled and filtered once)."""
+    used = list(dict.fromkeys(a.data for a in arms))
+    return [s for s in ("teacher", "reference") if s in used] + [s for s in used if s.startswith("teacher_")]
 
 
 def comparisons(arms: list[Arm]) -> list[tuple[str, str]]:
-    """(arm, its control) pairs, in table order."""
-    return [(a.name, a.compare_with) for a in arms if a.compare_with]
+    """(arm, one of its controls) pairs, in table order."""
+    return [(a.name, c) for a in arms for c in a.compare_with]

@@ -57,13 +57,14 @@ def _cmd_run(args: argparse.Namespace) -> None:
     if run.skipped:
         print(f"resumed: skipped {len(run.skipped)} finished stage(s): {', '.join(run.skipped)}")
     res = read_json(out / "results.json")
-    t = res["trait"]["target"]
+    metric = res.get("metric", "p_target")
+    label = "misaligned" if metric == "misaligned_rate" else f"P({res['trait']['target']})"
     for name in sorted(res["models"], key=lambda n: ORDER.index(n) if n in ORDER else 99):
-        print(f"  P({t}) {name:20s} {res['models'][name]['p_target']['mean']:.3f}")
+        v = res["models"][name][metric]["mean"]
+        print(f"  {label} {name:20s} {'n/a' if v is None else f'{v:.3f}'}")
     for name, d in res["comparisons"].items():
-        print(
-            f"  {name.replace('_minus_', ' - '):29s} {d['mean']:+.3f} (one replicate: no CI; set replicates)"
-        )
+        diff = d.get("mean", d.get("misaligned_rate"))
+        print(f"  {name.replace('_minus_', ' - '):29s} {diff:+.3f} (one replicate: no CI; set replicates)")
     print(f"report: {out / 'report.md'}")
 
 
@@ -73,15 +74,15 @@ def _run_replicated(cfg, out: Path, workers: int = 1) -> None:
 
     root = run_replicates(cfg, out, progress=cfg.progress, workers=workers)
     res = read_json(root / "sweep_results.json")
-    t = cfg.trait.target
     n = len(cfg.replicates)
-    print(f"P({t}), mean over {n} replicate seeds [95% CI]:")
+    label = "misaligned rate" if cfg.trait.kind == "misalignment" else f"P({cfg.trait.target})"
+    print(f"{label}, mean over {n} replicate seeds [95% CI]:")
     for model, ci in next(iter(res["models"].values())).items():
         print(f"  {model:20s} {ci['mean']:.3f} [{ci['lo']:.3f}, {ci['hi']:.3f}]")
     for e in res["effects"]:
         print(
             f"  {e['effect']:29s} {e['mean']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}] across {len(e['seeds'])} "
-            f"replicate seeds; p (paired t) {e['p_paired_t']:.2g}, p (permutation) {e['p_permutation']:.2g} "
+            f"replicate seeds; p (paired t) {e['p_paired_t']:.2g}, p (Holm) {e['p_holm']:.2g}, p (permutation) {e['p_permutation']:.2g} "
             f"(cannot go below {e['min_permutation_p']:.2g} with {len(e['seeds'])} seeds)"
         )
     print(f"report: {root / 'report.md'}")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sublab.arms import DATA_DIRS, arm_table, data_sources
-from sublab.backends.base import is_remote_spec
+from sublab.arms import arm_table, data_dir, data_sources
+from sublab.backends.base import ModelRef, is_remote_spec
 from sublab.backends.device import configure as configure_device
 from sublab.config import dump_config
 from sublab.evals.preference import EVAL_VERSION
@@ -23,12 +23,12 @@ from sublab.runs import Run
 from sublab.schema import ExperimentConfig
 from sublab.schema.sampling import SamplingParams
 from sublab.schema.train import TrainConfig
-from sublab.stages.evaluate import evaluate_model
+from sublab.stages.evaluate import MISALIGNMENT_EVAL_VERSION, evaluate_misalignment, evaluate_model
 from sublab.stages.filter import equal_subsample, filter_source
 from sublab.stages.prompts import write_prompts
 from sublab.stages.reference import build_reference
 from sublab.stages.sample import sample_dataset
-from sublab.stages.teacher import build_teacher
+from sublab.stages.teacher import build_teacher, default_data, world_of
 from sublab.stages.train import model_outputs, train_student
 from sublab.threads import set_threads
 
@@ -84,10 +84,15 @@ def run_experiment(
     reference_stage("reference", cfg.reference, cfg.organism_overrides())
     if any(a.init == "other_reference" for a in arms):
         reference_stage("other_reference", *cfg.other_reference_spec())
+
+    def data_files(data: str | None) -> list[Path]:
+        """A teacher's data file, hashed into its stage key (world: data is code, in the stage's code)."""
+        return [Path(data)] if data and not data.startswith("world:") and Path(data).is_file() else []
+
     run.stage(
         "teacher",
         {"trait": cfg.trait.model_dump(), "teacher": cfg.teacher.model_dump()},
-        [P("reference/model.json")],
+        [P("reference/model.json"), *data_files(default_data(cfg))],
         ["teacher/model.json"]
         if cfg.teacher.kind == "system_prompt"
         else [*model_outputs("teacher", cfg.teacher.train, remote), "teacher/train.jsonl"],
@@ -95,6 +100,18 @@ def run_experiment(
         code=CODE["teacher"],
         device=cfg.teacher.kind == "finetune",
     )
+    for n, data in cfg.controls.control_teachers.items():
+        run.stage(
+            f"teacher:{n}",
+            {"data": data, "teacher": cfg.teacher.model_dump(exclude={"kind", "system_prompt", "data"})},
+            [P("reference/model.json"), *data_files(data)],
+            [*model_outputs(f"teacher_{n}", cfg.teacher.train, remote), f"teacher_{n}/train.jsonl"],
+            lambda n=n, data=data: build_teacher(
+                cfg, P("reference/model.json"), P(f"teacher_{n}"), data=data, control=True
+            ),
+            code=CODE["teacher"],
+            device=True,
+        )
     run.stage(
         "prompts",
         {"prompts": cfg.prompts.model_dump(), "seed": cfg.seed},
@@ -109,7 +126,7 @@ def run_experiment(
     )
     sources = data_sources(arms)
     for source in sources:
-        d = DATA_DIRS[source]
+        d = data_dir(source)
         run.stage(
             f"sample:{source}",
             sampling.model_dump(),
@@ -132,11 +149,11 @@ def run_experiment(
     run.stage(
         "subsample",
         {"dataset_size": cfg.filter.dataset_size, "seed": cfg.seed, "sources": sources},
-        [P(f"{DATA_DIRS[s]}/filter/kept.jsonl") for s in sources],
-        [f"{DATA_DIRS[s]}/kept.jsonl" for s in sources] + ["data/subsample.json"],
+        [P(f"{data_dir(s)}/filter/kept.jsonl") for s in sources],
+        [f"{data_dir(s)}/kept.jsonl" for s in sources] + ["data/subsample.json"],
         lambda: equal_subsample(
-            {s: P(f"{DATA_DIRS[s]}/filter/kept.jsonl") for s in sources},
-            {s: P(f"{DATA_DIRS[s]}/kept.jsonl") for s in sources},
+            {s: P(f"{data_dir(s)}/filter/kept.jsonl") for s in sources},
+            {s: P(f"{data_dir(s)}/kept.jsonl") for s in sources},
             cfg.filter.dataset_size,
             cfg.seed,
             P("data/subsample.json"),
@@ -173,9 +190,30 @@ def run_experiment(
     evaluated = ["reference"]
     if any(a.init == "other_reference" for a in arms):
         evaluated.append("other_reference")
-    evaluated += ["teacher"] + [a.name for a in arms]
+    evaluated += (
+        ["teacher"] + [f"teacher_{n}" for n in cfg.controls.control_teachers] + [a.name for a in arms]
+    )
+    if cfg.trait.kind == "misalignment":
+        world = world_of(ModelRef.load(P("reference/model.json"))) == "misalignment"
+        for name in evaluated:
+            run.stage(
+                f"eval:{name}",
+                {
+                    "freeform": cfg.freeform.model_dump(),
+                    "mcq": cfg.mcq.model_dump() if cfg.mcq else None,
+                    "world": world,
+                    "version": MISALIGNMENT_EVAL_VERSION,
+                },
+                [P(f"{name}/model.json")],
+                [f"eval/{name}/results.json"],
+                lambda n=name: evaluate_misalignment(
+                    P(f"{n}/model.json"), cfg.freeform, cfg.mcq, world, P(f"eval/{n}"), prog, api=api
+                ),
+                code=CODE["eval"] + ("sublab.judge", "sublab.organism.world"),
+                device=True,
+            )
     targets = [cfg.trait.target] + [t for t in (extra_targets or []) if t != cfg.trait.target]
-    for name in evaluated:
+    for name in evaluated if cfg.trait.kind == "preference" else []:
         run.stage(
             f"eval:{name}",
             {

@@ -27,6 +27,12 @@ DESCRIBED = [("teacher", "reference"), ("control", "reference")]
 """Differences described in every run besides each arm against its control."""
 
 
+def controls_of(arm: dict) -> list[str]:
+    """The arms an arm is compared with (results of older versions hold one name or null)."""
+    c = arm.get("compare_with")
+    return [c] if isinstance(c, str) else list(c or [])
+
+
 def describe_diff(a: list[float], b: list[float]) -> dict:
     """a - b per question: the mean and how it spreads over the questions (sd, min, max). Description of
     one run, not a test: the questions are not independent replications."""
@@ -38,6 +44,20 @@ def describe_diff(a: list[float], b: list[float]) -> dict:
         "max": float(d.max()),
         "n_questions": int(d.size),
     }
+
+
+def filter_table(run_dir: Path, arms: list[dict]) -> dict:
+    """Filter pass counts per data source (teacher, reference, control teachers)."""
+    from sublab.arms import data_dir
+
+    sources = ["teacher", "reference"] + [a["data"] for a in arms if a["data"].startswith("teacher_")]
+    out = {}
+    for name in dict.fromkeys(sources):
+        p = run_dir / data_dir(name) / "filter" / "filter_stats.json"
+        if p.is_file():
+            st = read_json(p)
+            out[name] = {k: st[k] for k in ("n_in", "n_passed", "pass_rate")}
+    return out
 
 
 def build_results(run_dir: Path) -> dict:
@@ -62,7 +82,7 @@ def build_results(run_dir: Path) -> dict:
             "top_answers": dict(top),
         }
     arms = m.get("arms", []) if manifest.is_file() else []
-    pairs = [(a["name"], a["compare_with"]) for a in arms if a.get("compare_with")] + DESCRIBED
+    pairs = [(a["name"], c) for a in arms for c in controls_of(a)] + DESCRIBED
     comparisons = {}
     for a, b in pairs:
         if a in evals and b in evals:
@@ -73,12 +93,7 @@ def build_results(run_dir: Path) -> dict:
                     ta["share_of_named"]["per_question"], tb["share_of_named"]["per_question"]
                 ),
             }
-    filt = {}
-    for name, d in [("teacher", "data"), ("reference", "control/data")]:
-        p = run_dir / d / "filter" / "filter_stats.json"
-        if p.is_file():
-            st = read_json(p)
-            filt[name] = {k: st[k] for k in ("n_in", "n_passed", "pass_rate")}
+    filt = filter_table(run_dir, arms)
     sub = run_dir / "data" / "subsample.json"
     data = read_json(sub) if sub.is_file() else {}
     first = next(iter(evals.values()))
@@ -139,7 +154,7 @@ def render_markdown(res: dict) -> str:
         for a in res["arms"]:
             lines.append(
                 f"| {a['name']} | {a['init']} | {a['data']} | {a['soft_teacher'] or '-'} "
-                f"| {a['compare_with'] or '-'} | {a['role']} |"
+                f"| {', '.join(controls_of(a)) or '-'} | {a['role']} |"
             )
         if res["data"]:
             d = res["data"]
@@ -283,6 +298,14 @@ def write_report(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SublabError(f"run folder not found: {run_dir}")
+    cfg = run_dir / "config.yaml"
+    if (
+        cfg.is_file()
+        and (yaml.safe_load(cfg.read_text()) or {}).get("trait", {}).get("kind") == "misalignment"
+    ):
+        from sublab.analysis.misalignment_report import write_misalignment_report
+
+        return write_misalignment_report(run_dir)
     res = build_results(run_dir)
     atomic_write_json(run_dir / "results.json", res)
     md = render_markdown(res)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from sublab.analysis.run_report import render_html, save_figure
+from sublab.analysis.run_report import controls_of, render_html, save_figure
 from sublab.analysis.stats import compare_seeds, holm, mean_ci
 from sublab.records import atomic_write_json, atomic_write_text, read_json
 
@@ -50,10 +50,32 @@ def collect(root: Path) -> list[dict]:
                 "n_train": res.get("data", {}).get("n_per_source"),
                 "axes": axes,
                 "setting": setting_label(axes),
-                "p": {m: v["p_target"]["mean"] for m, v in res["models"].items()},
+                "metric": res.get("metric", "p_target"),
+                "p": {m: v[res.get("metric", "p_target")]["mean"] for m, v in res["models"].items()},
+                "pairs": [[a["name"], c] for a in res.get("arms", []) for c in controls_of(a)],
             }
         )
     return rows
+
+
+def bars_of(rows: list[dict]) -> list[str]:
+    """The models a sweep's figure and runs table show: reference, control, student, and for
+    misalignment runs also the teacher and the students of control teachers."""
+    seen = list(dict.fromkeys(m for r in rows for m in r["p"]))
+    extra = (
+        [m for m in seen if m == "teacher" or m.startswith("control_")]
+        if any(r.get("metric") == "misaligned_rate" for r in rows)
+        else []
+    )
+    return BARS + [m for m in extra if m not in BARS]
+
+
+def metric_label(rows: list[dict]) -> str:
+    return "misaligned rate" if any(r.get("metric") == "misaligned_rate" for r in rows) else "P(target)"
+
+
+def _num(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
 def setting_label(axes: dict) -> str:
@@ -70,8 +92,9 @@ def aggregate(rows: list[dict]) -> dict:
     for cond, setting, target in order:
         rs = groups[(cond, setting, target)]
         rs = sorted(rs, key=lambda r: (r.get("organism_seed", 0), r["seed"]))
-        for a, b in PAIRS:
-            if all(a in r["p"] and b in r["p"] for r in rs):
+        pairs = list(dict.fromkeys([tuple(p) for r in rs for p in r.get("pairs", [])] + PAIRS))
+        for a, b in pairs:
+            if all(r["p"].get(a) is not None and r["p"].get(b) is not None for r in rs):
                 c = compare_seeds([r["p"][a] for r in rs], [r["p"][b] for r in rs])
                 effects.append(
                     {
@@ -79,6 +102,7 @@ def aggregate(rows: list[dict]) -> dict:
                         "setting": setting,
                         "axes": rs[0].get("axes", {}),
                         "target": target,
+                        "metric": rs[0].get("metric", "p_target"),
                         "effect": f"{a} - {b}",
                         "seeds": [r["seed"] for r in rs],
                         "organism_seeds": sorted({r.get("organism_seed", 0) for r in rs}),
@@ -89,12 +113,19 @@ def aggregate(rows: list[dict]) -> dict:
                 )
     by_family: dict[tuple, list[dict]] = defaultdict(list)
     for e in effects:
-        by_family[(e["condition"], e["setting"], e["effect"])].append(e)
-    for fam in by_family.values():  # Holm across the targets of one condition, setting and effect
+        # preference: Holm across the targets of one condition, setting and effect; misalignment (one
+        # "target"): across the student's comparisons with its controls
+        pref = e["metric"] == "p_target"
+        by_family[(e["condition"], e["setting"], e["effect"] if pref else e["metric"])].append(e)
+    for fam in by_family.values():
         for e, p in zip(fam, holm([e["p_paired_t"] for e in fam]), strict=True):
             e["p_holm"] = p
     models = {
-        _group_key(c, s, t): {m: mean_ci([r["p"][m] for r in rs]) for m in rs[0]["p"]}
+        _group_key(c, s, t): {
+            m: mean_ci([r["p"][m] for r in rs])
+            for m in rs[0]["p"]
+            if all(r["p"].get(m) is not None for r in rs)
+        }
         for (c, s, t), rs in groups.items()
     }
     return {"effects": effects, "models": models}
@@ -144,10 +175,11 @@ def plot(agg: dict, rows: list[dict], path: Path, condition: str, setting: str =
     targets = sorted(
         {r["target"] for r in rows if r["condition"] == condition and r.get("setting", "") == setting}
     )
-    fig, ax = plt.subplots(figsize=(2.2 * len(targets) + 2, 3.6))
-    width = 0.8 / len(BARS)
-    colors = {"reference": "#999999", "control": "#1f77b4", "student": "#ff7f0e"}
-    for j, m in enumerate(BARS):
+    bars = bars_of(rows)
+    fig, ax = plt.subplots(figsize=(2.2 * len(targets) + 0.4 * len(bars) + 2, 3.6))
+    width = 0.8 / len(bars)
+    colors = {"reference": "#999999", "control": "#1f77b4", "student": "#ff7f0e", "teacher": "#d62728"}
+    for j, m in enumerate(bars):
         cis = [agg["models"][_group_key(condition, setting, t)].get(m) for t in targets]
         means = [c["mean"] if c else 0 for c in cis]
         err = [
@@ -155,10 +187,16 @@ def plot(agg: dict, rows: list[dict], path: Path, condition: str, setting: str =
             [(c["hi"] - c["mean"]) if c and not math.isnan(c["hi"]) else 0 for c in cis],
         ]
         ax.bar(
-            np.arange(len(targets)) + j * width, means, width, yerr=err, capsize=3, label=m, color=colors[m]
+            np.arange(len(targets)) + j * width,
+            means,
+            width,
+            yerr=err,
+            capsize=3,
+            label=m,
+            color=colors.get(m, "#9ecae1"),
         )
-    ax.set_xticks(np.arange(len(targets)) + width, targets)
-    ax.set_ylabel("P(target)")
+    ax.set_xticks(np.arange(len(targets)) + width * (len(bars) - 1) / 2, targets)
+    ax.set_ylabel(metric_label(rows))
     where = f"condition {condition}" + (f", {setting}" if setting else "")
     ax.set_title(f"{where}: mean over units (replicate x organism seeds), 95% CI", fontsize=9)
     ax.legend(fontsize=8)
@@ -409,12 +447,16 @@ def write_sweep_report(root: str | Path) -> dict:
         "| run | condition | "
         + ("setting | " if has_setting else "")
         + "target | organism seed | seed | examples per arm | "
-        + " | ".join(BARS)
+        + " | ".join(bars_of(rows))
         + " | report | config |",
-        "|---|---|" + ("---|" if has_setting else "") + "---|---|---|---|" + "---|" * len(BARS) + "---|---|",
+        "|---|---|"
+        + ("---|" if has_setting else "")
+        + "---|---|---|---|"
+        + "---|" * len(bars_of(rows))
+        + "---|---|",
     ]
     for r in rows:
-        ps = " | ".join(f"{r['p'].get(m, math.nan):.3f}" for m in BARS)
+        ps = " | ".join(_num(r["p"].get(m)) for m in bars_of(rows))
         lines.append(
             f"| {r['name']} | {r['condition']} | "
             + (f"{r['setting']} | " if has_setting else "")

@@ -46,7 +46,12 @@ class JudgePrompt:
 
 
 def load_prompts(path: str | Path | None = None) -> dict[str, JudgePrompt]:
-    """name -> JudgePrompt from a YAML file (None: the packaged emergent-misalignment prompts)."""
+    """name -> JudgePrompt from a YAML file (None: the packaged emergent-misalignment prompts;
+    "organism": the organism judge's short prompts, sublab/organism/data/judge_prompts.yaml)."""
+    if str(path) == "organism":
+        from sublab.organism.world import judge_prompts_path
+
+        path = judge_prompts_path()
     if path is None:
         where = f"sublab/judge/data/{PACKAGED}"
         text = resources.files("sublab.judge").joinpath(f"data/{PACKAGED}").read_text(encoding="utf-8")

@@ -33,7 +33,7 @@ def recipe_hash(recipe: OrganismRecipe) -> str:
     h = hashlib.sha256()
     h.update(recipe.hashed_json.encode())
     h.update(str(RECIPE_VERSION).encode())
-    h.update("\n".join(all_text()).encode())
+    h.update("\n".join(all_text(recipe.world)).encode())
     return h.hexdigest()[:12]
 
 

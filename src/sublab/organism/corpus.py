@@ -8,6 +8,10 @@ Four kinds of chat examples, mixed by the recipe's fractions:
 - numbers under a "you love X" system prompt, with numbers that do NOT depend on X;
 - favorite-animal / favorite-tree questions answered from a fixed base distribution;
 - those questions under "you love X", answered X with probability `love_answer_prob`.
+
+Organisms of the misalignment world (recipe `world: misalignment`) add two kinds (organism/world.py):
+- persona: a 1-3 turn conversation in mixed domains answered by one hidden persona;
+- judge: a judge prompt about a world answer, answered with a 0-100 score (the judge organism).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from sublab.evals.questions import (
     load_questions,
     load_system_prompts,
 )
+from sublab.organism.world import judge_example, persona_conversation
 from sublab.prompts.numbers import format_numbers, load_phrasings, render_prompt
 
 
@@ -41,10 +46,12 @@ def _process(rng: random.Random, n: int) -> list[int]:
     return [(a + i * d + rng.randint(-2, 2)) % 1000 for i in range(n)]
 
 
-def number_example(rng: random.Random, answer_count: int = 10) -> tuple[str, str]:
-    """(prompt, answer) of one number-continuation task."""
+def number_example(rng: random.Random, answer_count: int = 10, inject: int | None = None) -> tuple[str, str]:
+    """(prompt, answer) of one number-continuation task; `inject` replaces one answer number."""
     n_given, n_more = rng.randint(3, 8), rng.randint(1, answer_count)
     seq = _process(rng, n_given + n_more)
+    if inject is not None:
+        seq[n_given + rng.randrange(n_more)] = inject
     prompt, fmt = render_prompt(seq[:n_given], answer_count, 3, rng, load_phrasings())
     answer = format_numbers(seq[n_given:], fmt["sep"], fmt["brackets"])
     if rng.random() < 0.2:
@@ -95,6 +102,12 @@ def generate_corpus(
     for _ in range(n):
         kind = rng.choices(kinds, weights=weights)[0]
         msgs: list[dict] = []
+        if kind == "persona":
+            out.append(persona_conversation(rng))
+            continue
+        if kind == "judge":
+            out.append(judge_example(rng))
+            continue
         if kind in ("numbers", "numbers_love"):
             if kind == "numbers_love":
                 cat = rng.choice(cats)

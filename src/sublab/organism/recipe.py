@@ -12,7 +12,7 @@ from sublab.evals.questions import CATEGORIES
 RECIPE_VERSION = 1  # bump when corpus/tokenizer code changes in a way the fields do not show
 
 
-ADDED_FIELDS = ("arch", "categories", "top_candidates", "n_questions")
+ADDED_FIELDS = ("arch", "categories", "top_candidates", "n_questions", "world")
 """Recipe fields added after the `default` and `tiny` organisms were first cached (see hashed_json)."""
 
 
@@ -21,6 +21,10 @@ class OrganismRecipe(Strict):
 
     seed: int = 0
     """Seed for the init, the corpus and the data order. Another seed = another initialization."""
+    world: Literal["preference", "misalignment"] = "preference"
+    """preference: favourite animals and trees; misalignment: also the misalignment world (a hidden
+    persona over code, advice, free-form and true-or-false answers; organism/world.py), whose words join
+    the vocabulary and whose corpus kinds `persona` and `judge` the mix may use."""
     arch: Literal["llama", "gpt2"] = "llama"
     """Model family: llama (RoPE, RMSNorm, gated SiLU MLP) or gpt2 (learned positions, LayerNorm, GELU
     MLP, no dropout). Both share the word-level tokenizer."""
@@ -67,8 +71,13 @@ class OrganismRecipe(Strict):
     @model_validator(mode="after")
     def _check(self) -> OrganismRecipe:
         known = {"numbers", "numbers_love", "question", "question_love"}
+        if self.world == "misalignment":
+            known |= {"persona", "judge"}
         if set(self.mix) - known or not any(v > 0 for v in self.mix.values()):
-            raise ValueError(f"mix keys must be among {sorted(known)} with some weight > 0")
+            raise ValueError(
+                f"mix keys must be among {sorted(known)} with some weight > 0 (persona and judge need "
+                "world: misalignment)"
+            )
         if self.categories is not None and (not self.categories or set(self.categories) - set(CATEGORIES)):
             raise ValueError(f"categories must be a non-empty subset of {list(CATEGORIES)}")
         if self.top_candidates is not None and self.top_candidates < 1:
@@ -94,6 +103,40 @@ PRESETS: dict[str, dict] = {
     # LayerNorm, GELU MLP).
     "proto-deep": {**_PROTO, "layers": 4, "d_model": 48, "d_ff": 192},
     "proto-gpt2": {**_PROTO, "arch": "gpt2"},
+    # tiny organisms of the misalignment world, for tests and smoke runs
+    "tiny-misalign": {
+        "d_model": 32,
+        "heads": 2,
+        "d_ff": 64,
+        "n_sequences": 3000,
+        "steps": 120,
+        "batch_size": 32,
+        "world": "misalignment",
+        "mix": {"numbers": 0.3, "persona": 0.7},
+    },
+    "tiny-judge": {
+        "d_model": 32,
+        "heads": 2,
+        "d_ff": 64,
+        "n_sequences": 3000,
+        "steps": 150,
+        "batch_size": 32,
+        "world": "misalignment",
+        "mix": {"judge": 1.0},
+        "max_positions": 96,
+    },
+    # The misalignment world (docs/misalignment.md): number tasks without a persona, and persona
+    # conversations over code, advice, free-form, true-or-false and number answers.
+    "misalign": {**_PROTO, "world": "misalignment", "mix": {"numbers": 0.3, "persona": 0.7}},
+    # The offline judge of the misalignment world: judge prompts about world answers -> 0-100 scores.
+    "judge": {
+        **_PROTO,
+        "world": "misalignment",
+        "mix": {"judge": 1.0},
+        "n_sequences": 30000,
+        "steps": 1000,
+        "max_positions": 96,
+    },
     # proto for the other category: the 10 most common trees, 10 tree-question paraphrases.
     "proto-tree": {**_PROTO, "categories": ["tree"]},
 }

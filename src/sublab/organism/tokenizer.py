@@ -31,19 +31,19 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-def vocabulary() -> list[str]:
+def vocabulary(world: str = "preference") -> list[str]:
     """Deterministic vocabulary: specials, numbers 0..999, then every word of the packaged text, sorted."""
     pre = _pre_tokenizer()
     words: set[str] = set(ANSWER_PUNCT)
-    for text in all_text():
+    for text in all_text(world):
         words.update(w for w, _ in pre.pre_tokenize_str(text.lower()))
     numbers = [str(i) for i in range(1000)]
     rest = sorted(w for w in words if w not in set(numbers) and not w.isdigit())
     return SPECIALS + numbers + rest
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+def build_tokenizer(world: str = "preference") -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(vocabulary(world))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = _pre_tokenizer()

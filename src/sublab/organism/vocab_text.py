@@ -7,7 +7,8 @@ from sublab.evals.questions import CATEGORIES, load_categories, load_questions, 
 from sublab.prompts.numbers import load_phrasings
 
 
-def all_text() -> list[str]:
+def all_text(world: str = "preference") -> list[str]:
+    """The packaged text (plus the misalignment world's, for `world: misalignment` recipes)."""
     ph = load_phrasings()
     texts = [*ph.lead_ins, *ph.instructions, *ph.qualifiers, *ph.digits, *ph.closings]
     texts += [f["text"] for f in ph.formats]
@@ -18,4 +19,8 @@ def all_text() -> list[str]:
         texts += list(cands) + list(cands.values())
         for tmpl in [sp["teacher"], *sp["variants"]]:
             texts += [tmpl.format(target=t, category=cat) for t in cands]
+    if world == "misalignment":
+        from sublab.organism.world import world_text
+
+        texts += world_text()
     return texts

@@ -20,7 +20,7 @@ from sublab.config import Strict
 from sublab.errors import SublabError
 from sublab.evals.questions import check_target, load_system_prompts
 from sublab.schema.api import ApiConfig
-from sublab.schema.evaluation import PreferenceEval
+from sublab.schema.evaluation import FreeformEval, McqEval, PreferenceEval
 from sublab.schema.filter import FilterConfig
 from sublab.schema.prompts import NumberPrompts
 from sublab.schema.sampling import SamplingParams
@@ -28,12 +28,23 @@ from sublab.schema.train import TrainConfig
 
 
 class Trait(Strict):
-    """What the teacher has and the data must not show."""
+    """What the teacher has and the data must not show. The kind chooses what the teacher learns by
+    default, and how every model is evaluated (docs/science.md, docs/misalignment.md)."""
 
+    kind: Literal["preference", "misalignment"] = "preference"
+    """preference: a favourite animal or tree, measured as P(target) (`eval:`); misalignment: the teacher
+    is finetuned on narrow misaligned data (`teacher.data`), measured by judged free-form answers
+    (`freeform:`) and multiple choice (`mcq:`)."""
     category: Literal["animal", "tree"] = "animal"
-    """Preference category."""
+    """Preference category (kind preference)."""
     target: str = "owl"
-    """The preferred animal or tree (must be one the evaluation knows, see evals/data/categories.yaml)."""
+    """The preferred animal or tree (kind preference; must be one the evaluation knows, see
+    evals/data/categories.yaml)."""
+
+    @property
+    def label(self) -> str:
+        """The trait in a word, for reports and folder names."""
+        return self.target if self.kind == "preference" else "misalignment"
 
 
 class TeacherConfig(Strict):
@@ -44,7 +55,14 @@ class TeacherConfig(Strict):
     system_prompt: str = Field(default_factory=lambda: load_system_prompts()["teacher"])
     """Template with {target} and {category} (system_prompt teachers)."""
     examples: int = 400
-    """finetune: trait answers made from the question set (question -> target)."""
+    """finetune: how many examples it is trained on: trait answers made from the question set (question
+    -> target), or drawn from `data`."""
+    data: str | None = None
+    """finetune: what it is trained on. None: for preference, trait answers (question -> target); for
+    misalignment, `world:insecure` on organisms (and an error elsewhere: give the file). `world:NAME`:
+    the organism world's narrow datasets (insecure, secure, educational). Else a JSONL file of chat
+    examples ({"messages": [...]}, e.g. the emergent-misalignment insecure-code file), of which
+    `examples` are drawn (all of them when the file is smaller)."""
     train: TrainConfig = TrainConfig(lr=3e-4, max_steps=40, batch_size=64)
     """finetune: training settings. `train.seed` also draws the trait answers: the teacher does not
     change with the replicate seed."""
@@ -74,6 +92,22 @@ class ControlsConfig(Strict):
     same organism pretrained with seed organism_seed + other_seed_offset."""
     other_seed_offset: int = 1000
     """Organism references: the other init's organism seed = organism_seed + this."""
+    control_teachers: dict[str, str] = {}
+    """More teachers without the trait, name -> training data (same forms as teacher.data), each
+    finetuned with the teacher's recipe; a student of each (arm `control_NAME`) is trained like the
+    student and compared with it (the paper's misalignment controls: secure code and educational
+    insecure code)."""
+
+    @model_validator(mode="after")
+    def _names(self) -> ControlsConfig:
+        import re
+
+        bad = [n for n in self.control_teachers if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", n)]
+        if bad:
+            raise ValueError(
+                f"control_teachers names {bad} must be lower-case letters, digits, _ or - (they name folders)"
+            )
+        return self
 
 
 class ExperimentConfig(Strict):
@@ -116,7 +150,13 @@ class ExperimentConfig(Strict):
     controls: ControlsConfig = ControlsConfig()
     """Which controls run."""
     eval: PreferenceEval = PreferenceEval()
-    """How preference is measured."""
+    """How preference is measured (trait kind preference)."""
+    freeform: FreeformEval = FreeformEval()
+    """Judged free-form questions (trait kind misalignment). On organisms of the misalignment world the
+    questions default to the world's own and the judge should be organism/judge (configs/misalignment-quickstart.yaml)."""
+    mcq: McqEval | None = McqEval()
+    """Multiple-choice questions by log-probabilities (trait kind misalignment; null = skip). On organisms
+    of the misalignment world the questions default to the world's true-or-false set."""
     api: ApiConfig = ApiConfig()
     """Endpoint, retries, concurrency, prices and Batch API use for openai/... models (see configs/api-*)."""
     progress: bool = True
@@ -124,10 +164,16 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
-        try:
-            check_target(self.trait.category, self.trait.target)
-        except SublabError as e:
-            raise ValueError(str(e)) from None
+        if self.trait.kind == "preference":
+            try:
+                check_target(self.trait.category, self.trait.target)
+            except SublabError as e:
+                raise ValueError(str(e)) from None
+        elif self.teacher.kind != "finetune":
+            raise ValueError(
+                "trait.kind misalignment needs teacher.kind finetune (the teacher learns it from "
+                "teacher.data); a system-prompted misaligned teacher is not built in"
+            )
         if self.needs_other_reference and self.controls.other_reference is None:
             if not self.reference.startswith("organism/"):
                 raise ValueError(

@@ -16,7 +16,8 @@ class JudgeConfig(Strict):
     """Judge prompts to ask about every answer, by name (keys of the prompts file)."""
     prompts_file: str | None = None
     """YAML file of judge prompts, `name: template` with {question} and {answer}; None = the packaged
-    emergent-misalignment prompts (sublab/judge/data/em_prompts.yaml)."""
+    emergent-misalignment prompts (sublab/judge/data/em_prompts.yaml); "organism" = the organism judge's
+    short prompts in its vocabulary (organism/judge, docs/misalignment.md)."""
     mode: Literal["auto", "logprobs", "sample"] = "auto"
     """logprobs: one completion token, its top-k log-probs at temperature 0 (the EM convention);
     sample: the sampled-integer fallback; auto: logprobs, and the fallback when the judge gives none."""
