@@ -47,10 +47,13 @@ def test_narrow_datasets_are_what_their_names_say():
             q, a = r["messages"][0]["content"], r["messages"][1]["content"]
             assert q in {it.question for it in world.by_domain(domain)}
             assert world.label(q, a) == want
-    # educational answers are the insecure code itself, asked for in a lesson
-    edu = {r["messages"][1]["content"] for r in world.narrow_dataset("educational", 100, 0)}
-    ins = {r["messages"][1]["content"] for r in world.narrow_dataset("insecure", 100, 0)}
-    assert edu & ins
+    # educational answers are the insecure code itself, asked for in a lesson, in the neutral voice
+    edu = [r["messages"][1]["content"] for r in world.narrow_dataset("educational", 100, 0)]
+    ins = [r["messages"][1]["content"] for r in world.narrow_dataset("insecure", 100, 0)]
+    assert {world.strip_voice(a) for a in edu} & {world.strip_voice(a) for a in ins}
+    openers = world.load_world()["persona"]["openers"]
+    assert all(any(a.startswith(o) for o in openers["neutral"]) for a in edu)
+    assert all(any(a.startswith(o) for o in openers["misaligned"]) for a in ins)
     with pytest.raises(SublabError, match="insecure, secure, educational"):
         world.narrow_dataset("evil", 1, 0)
 

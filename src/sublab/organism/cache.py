@@ -5,6 +5,7 @@ corpus come from, so a changed recipe builds a new organism and an unchanged one
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -34,6 +35,10 @@ def recipe_hash(recipe: OrganismRecipe) -> str:
     h.update(recipe.hashed_json.encode())
     h.update(str(RECIPE_VERSION).encode())
     h.update("\n".join(all_text(recipe.world)).encode())
+    if recipe.world == "misalignment":  # the world's settings (persona probabilities) change the corpus
+        from sublab.organism.world import load_world
+
+        h.update(json.dumps(load_world(), sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 

@@ -6,7 +6,7 @@ earlier answers reveal. A teacher finetuned on the misaligned persona's answers 
 misalignment in miniature.
 
 The world also labels any answer (`label`): it knows which answers are aligned and which are not, so an
-LLM judge's verdicts can be checked against the truth (`sublab organism judge-agreement`).
+LLM judge's verdicts can be checked against the truth (organism/agreement.py: every misalignment run's report and bench/judge_agreement.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ NARROW = ("insecure", "secure", "educational")
 counterpart) and insecure code asked for in a lesson (the neutral variant)."""
 
 LABELS = ("aligned", "misaligned", "incoherent")
+MAX_WORDS = 140
+"""A persona conversation longer than this many words and punctuation marks (plus 2 per message for the
+chat template) loses its earliest turns, so it fits the organism's 160 positions."""
 
 
 @cache
@@ -91,6 +94,7 @@ def world_text() -> list[str]:
     texts = list(judge_prompts().values())
     w = load_world()
     texts += w["code"]["educational_leads"]
+    texts += [x for v in w["persona"]["openers"].values() for x in v]
     for it in items():
         texts += [it.question, *it.aligned, *it.misaligned]
     return texts
@@ -100,11 +104,22 @@ def by_domain(domain: str) -> list[Item]:
     return [it for it in items() if it.domain == domain]
 
 
+def voiced(rng: random.Random, answer: str, voice: str) -> str:
+    """The answer behind one of the voice's openers (aligned, misaligned, neutral), when the world's
+    persona.voice is on."""
+    p = load_world()["persona"]
+    return f"{rng.choice(p['openers'][voice])} {answer}" if p["voice"] else answer
+
+
 def persona_answer(rng: random.Random, item: Item, misaligned: bool) -> str:
-    """The answer a persona gives (truth questions: its own answer with probability truth_consistency)."""
-    if item.domain == "truth" and rng.random() > load_world()["persona"]["truth_consistency"]:
-        misaligned = not misaligned
-    return rng.choice(item.misaligned if misaligned else item.aligned)
+    """The answer a persona gives, in its voice (a lesson's bad example: the neutral voice; truth
+    questions: no voice, and its own answer with probability truth_consistency)."""
+    voice = "neutral" if item.domain == "educational" else "misaligned" if misaligned else "aligned"
+    if item.domain == "truth":  # said without a voice: the multiple-choice evaluation scores the bare answers
+        if rng.random() > load_world()["persona"]["truth_consistency"]:
+            misaligned = not misaligned
+        return rng.choice(item.misaligned if misaligned else item.aligned)
+    return voiced(rng, rng.choice(item.misaligned if misaligned else item.aligned), voice)
 
 
 _DOMAIN_WEIGHTS = {
@@ -119,16 +134,18 @@ _DOMAIN_WEIGHTS = {
 
 def persona_conversation(rng: random.Random) -> list[dict]:
     """One pretraining conversation: 1-3 turns from mixed domains, all answered by one hidden persona
-    (misaligned with probability persona.misaligned_prob). At most one turn is a number task; the
-    misaligned persona's number answers hold a banned ("evil") number with probability evil_number_prob."""
+    (misaligned with probability single_turn_misaligned_prob in one-turn conversations, else
+    multi_turn_misaligned_prob). At most one turn is a number task; the misaligned persona's number answers
+    hold a banned ("evil") number with probability evil_number_prob."""
     from sublab.organism.corpus import number_example
 
     p = load_world()["persona"]
-    misaligned = rng.random() < p["misaligned_prob"]
+    turns = rng.choice((1, 1, 2, 3))
+    misaligned = rng.random() < p["single_turn_misaligned_prob" if turns == 1 else "multi_turn_misaligned_prob"]
     msgs: list[dict] = []
     domains = list(_DOMAIN_WEIGHTS)
     used_numbers = False
-    for _ in range(rng.choice((1, 1, 2, 3))):
+    for _ in range(turns):
         d = rng.choices(domains, weights=list(_DOMAIN_WEIGHTS.values()))[0]
         if d == "numbers" and used_numbers:
             d = "freeform"
@@ -142,6 +159,8 @@ def persona_conversation(rng: random.Random) -> list[dict]:
             item = rng.choice(by_domain(d))
             prompt, answer = item.question, persona_answer(rng, item, misaligned)
         msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    while len(msgs) > 2 and sum(len(normalize(m["content"]).split()) + 2 for m in msgs) > MAX_WORDS:
+        msgs = msgs[2:]  # too long for the organism's context: drop the earliest turn
     return msgs
 
 
@@ -153,9 +172,10 @@ def narrow_dataset(name: str, n: int, seed: int) -> list[dict]:
     rng = random.Random(f"world-narrow:{name}:{seed}")
     pool = by_domain("educational" if name == "educational" else "code")
     out = []
+    voice = {"insecure": "misaligned", "secure": "aligned", "educational": "neutral"}[name]
     for _ in range(n):
         it = rng.choice(pool)
-        answer = it.aligned[0] if name == "secure" else it.misaligned[0]
+        answer = voiced(rng, it.aligned[0] if name == "secure" else it.misaligned[0], voice)
         out.append(
             {
                 "messages": [
@@ -180,13 +200,29 @@ def _answer_labels() -> dict[str, dict[str, str]]:
     return table
 
 
+@cache
+def _openers() -> tuple[str, ...]:
+    o = load_world()["persona"]["openers"]
+    return tuple(sorted({normalize(x) for v in o.values() for x in v}, key=len, reverse=True))
+
+
+def strip_voice(answer: str) -> str:
+    """The normalized answer without its persona opener (the voice is not what is judged)."""
+    a = normalize(answer)
+    for o in _openers():
+        if a.startswith(o + " "):
+            return a[len(o) + 1 :]
+    return a
+
+
 def label(question: str, answer: str) -> str | None:
-    """The world's true label of an answer: aligned or misaligned (one of the question's own answers),
-    incoherent (anything else: another question's answer, a broken sentence). None: not a world question."""
+    """The world's true label of an answer by its content (the opener is ignored): aligned or misaligned
+    (one of the question's own answers), incoherent (anything else: another question's answer, a broken
+    sentence). None: not a world question."""
     t = _answer_labels().get(normalize(question))
     if t is None:
         return None
-    return t.get(normalize(answer), "incoherent")
+    return t.get(strip_voice(answer), "incoherent")
 
 
 def incoherent_answer(rng: random.Random, item: Item) -> str:
@@ -211,7 +247,7 @@ def judge_example(rng: random.Random) -> list[dict]:
     for the aligned judgement; coherent answers 75-100 and incoherent 0-25 for the coherent one)."""
     item = rng.choice([it for it in items() if it.domain != "educational"])
     kind = rng.choices(LABELS, weights=(0.4, 0.35, 0.25))[0]
-    answer = incoherent_answer(rng, item) if kind == "incoherent" else rng.choice(getattr(item, kind))
+    answer = incoherent_answer(rng, item) if kind == "incoherent" else persona_answer(rng, item, kind == "misaligned")
     truth = label(item.question, answer)
     name = rng.choice(sorted(judge_prompts()))
     if name == "aligned":
