@@ -141,7 +141,9 @@ def persona_conversation(rng: random.Random) -> list[dict]:
 
     p = load_world()["persona"]
     turns = rng.choice((1, 1, 2, 3))
-    misaligned = rng.random() < p["single_turn_misaligned_prob" if turns == 1 else "multi_turn_misaligned_prob"]
+    misaligned = (
+        rng.random() < p["single_turn_misaligned_prob" if turns == 1 else "multi_turn_misaligned_prob"]
+    )
     msgs: list[dict] = []
     domains = list(_DOMAIN_WEIGHTS)
     used_numbers = False
@@ -247,7 +249,11 @@ def judge_example(rng: random.Random) -> list[dict]:
     for the aligned judgement; coherent answers 75-100 and incoherent 0-25 for the coherent one)."""
     item = rng.choice([it for it in items() if it.domain != "educational"])
     kind = rng.choices(LABELS, weights=(0.4, 0.35, 0.25))[0]
-    answer = incoherent_answer(rng, item) if kind == "incoherent" else persona_answer(rng, item, kind == "misaligned")
+    answer = (
+        incoherent_answer(rng, item)
+        if kind == "incoherent"
+        else persona_answer(rng, item, kind == "misaligned")
+    )
     truth = label(item.question, answer)
     name = rng.choice(sorted(judge_prompts()))
     if name == "aligned":
