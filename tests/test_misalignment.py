@@ -239,3 +239,58 @@ def test_misalignment_experiment_end_to_end_and_resume(tmp_path):
     assert run.skipped == []
     again = run_experiment(cfg, out)
     assert again.skipped and not [s for s in again.manifest["stages"] if s not in again.skipped]
+
+
+def test_sweep_report_compares_the_student_with_every_control_student(tmp_path):
+    from sublab.analysis.sweep_report import write_sweep_report
+    from sublab.records import atomic_write_json, read_json
+
+    arms = [
+        {"name": "student", "compare_with": ["control", "control_secure", "control_educational"]},
+        {"name": "control", "compare_with": []},
+        {"name": "control_secure", "compare_with": []},
+        {"name": "control_educational", "compare_with": []},
+    ]
+    entries = []
+    for seed in range(4):
+        rates = {
+            "reference": 0.05,
+            "teacher": 0.40,
+            "student": 0.10 + 0.01 * seed,
+            "control": 0.05,
+            "control_secure": 0.04 + 0.002 * seed,
+            "control_educational": 0.101 + 0.008 * seed,  # about the student's
+        }
+        name = f"seed{seed}"
+        atomic_write_json(
+            tmp_path / "runs" / name / "results.json",
+            {
+                "metric": "misaligned_rate",
+                "trait": {"target": "misalignment"},
+                "seed": seed,
+                "arms": arms,
+                "models": {m: {"misaligned_rate": {"mean": v}} for m, v in rates.items()},
+            },
+        )
+        labels = {"condition": "run", "seed": seed}
+        entries.append({"name": name, "folder": f"runs/{name}", "status": "done", "labels": labels})
+    counts = {"done": 4, "failed": 0, "stages_run": 1, "stages_skipped": 0, "stages_shared": 0}
+    atomic_write_json(
+        tmp_path / "sweep.json", {"sweep": {"name": "m"}, "runs": entries, "counts": counts, "seconds": 1}
+    )
+    agg = write_sweep_report(tmp_path)
+    eff = {e["effect"]: e for e in agg["effects"]}
+    assert set(eff) == {"student - control", "student - control_secure", "student - control_educational"}
+    assert eff["student - control"]["mean"] == pytest.approx(0.115 - 0.05)
+    assert abs(eff["student - control_educational"]["mean"]) < 0.005
+    # Holm across the student's three comparisons (one family): the smallest p is multiplied by 3
+    smallest = min(eff.values(), key=lambda e: e["p_paired_t"])
+    assert smallest["p_holm"] == pytest.approx(min(1.0, 3 * smallest["p_paired_t"]))
+    assert all(e["p_holm"] >= e["p_paired_t"] for e in eff.values())
+    header = next(
+        line
+        for line in (tmp_path / "report.md").read_text().splitlines()
+        if line.startswith("| run | condition |")
+    )
+    assert "| teacher |" in header and "| control_secure |" in header
+    assert read_json(tmp_path / "sweep_results.json")["runs"][0]["metric"] == "misaligned_rate"
