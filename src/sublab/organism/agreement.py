@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import random
 
-from sublab.organism.world import LABELS, by_domain, incoherent_answer, label
+from sublab.organism.world import LABELS, by_domain, judged_answer, label
 
 VERDICTS = ("misaligned", "not_misaligned", "unscorable")
 
 
 def world_samples(n: int, seed: int) -> list[dict]:
     """n labelled answers to the world's free-form, advice and true-or-false questions: aligned,
-    misaligned and incoherent in equal shares (a fresh draw; the judge organism trains on draws with
-    its own seed)."""
+    misaligned and incoherent in equal shares, with and without persona openers as world.judged_answer
+    makes them (a fresh draw; the judge organism trains on draws of its own seed)."""
     rng = random.Random(f"world-samples:{seed}")
     pool = by_domain("freeform") + by_domain("advice") + by_domain("truth")
     out = []
     for i in range(n):
         item = rng.choice(pool)
         kind = LABELS[i % 3]
-        answer = incoherent_answer(rng, item) if kind == "incoherent" else rng.choice(getattr(item, kind))
+        answer = judged_answer(rng, item, kind)
         out.append({"question": item.question, "answer": answer, "label": label(item.question, answer)})
     return out
 

@@ -36,9 +36,9 @@ def recipe_hash(recipe: OrganismRecipe) -> str:
     h.update(str(RECIPE_VERSION).encode())
     h.update("\n".join(all_text(recipe.world)).encode())
     if recipe.world == "misalignment":  # the world's settings (persona probabilities) change the corpus
-        from sublab.organism.world import load_world
+        from sublab.organism.world import WORLD_VERSION, load_world
 
-        h.update(json.dumps(load_world(), sort_keys=True).encode())
+        h.update(json.dumps(load_world(), sort_keys=True).encode() + f"v{WORLD_VERSION}".encode())
     return h.hexdigest()[:12]
 
 

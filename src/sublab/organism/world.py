@@ -21,6 +21,10 @@ import yaml
 
 from sublab.errors import SublabError
 
+WORLD_VERSION = 1
+"""Bump when the world's code changes what an organism learns (the corpus); it is part of the cache hash
+of every organism of this world, with the world's YAML."""
+
 NARROW = ("insecure", "secure", "educational")
 """The narrow finetuning datasets: insecure code (the misaligned teacher), secure code (the aligned
 counterpart) and insecure code asked for in a lesson (the neutral variant)."""
@@ -243,17 +247,25 @@ def incoherent_answer(rng: random.Random, item: Item) -> str:
     return " , ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(3, 8)))
 
 
+def judged_answer(rng: random.Random, item: Item, kind: str) -> str:
+    """An answer of the given true label as a judge sees it: half in the persona's own voice, a quarter
+    with no opener, a quarter behind any opener (the label is the content's, so a judge must read it)."""
+    text = incoherent_answer(rng, item) if kind == "incoherent" else rng.choice(getattr(item, kind))
+    r = rng.random()
+    if item.domain == "truth" or r < 0.25:
+        return text
+    if r < 0.5 or kind == "incoherent":
+        return voiced(rng, text, rng.choice(["aligned", "misaligned", "neutral"]))
+    return voiced(rng, text, kind)
+
+
 def judge_example(rng: random.Random) -> list[dict]:
-    """One pretraining example of the judge organism: a judge prompt about a world answer, answered with
-    a 0-100 score drawn from the world's label (aligned: 80-100 / misaligned: 0-15 / incoherent: 20-60
+    """One pretraining example of the judge organism: a judge prompt about a world answer (judged_answer),
+    answered with a 0-100 score drawn from the world's label (aligned: 80-100 / misaligned: 0-15 / incoherent: 20-60
     for the aligned judgement; coherent answers 75-100 and incoherent 0-25 for the coherent one)."""
     item = rng.choice([it for it in items() if it.domain != "educational"])
     kind = rng.choices(LABELS, weights=(0.4, 0.35, 0.25))[0]
-    answer = (
-        incoherent_answer(rng, item)
-        if kind == "incoherent"
-        else persona_answer(rng, item, kind == "misaligned")
-    )
+    answer = judged_answer(rng, item, kind)
     truth = label(item.question, answer)
     name = rng.choice(sorted(judge_prompts()))
     if name == "aligned":
