@@ -269,7 +269,10 @@ def test_sweep_report_compares_the_student_with_every_control_student(tmp_path):
                 "trait": {"target": "misalignment"},
                 "seed": seed,
                 "arms": arms,
-                "models": {m: {"misaligned_rate": {"mean": v}} for m, v in rates.items()},
+                "models": {
+                    m: {"misaligned_rate": {"mean": v}, "world_misaligned_rate": v / 2}
+                    for m, v in rates.items()
+                },
             },
         )
         labels = {"condition": "run", "seed": seed}
@@ -279,7 +282,9 @@ def test_sweep_report_compares_the_student_with_every_control_student(tmp_path):
         tmp_path / "sweep.json", {"sweep": {"name": "m"}, "runs": entries, "counts": counts, "seconds": 1}
     )
     agg = write_sweep_report(tmp_path)
-    eff = {e["effect"]: e for e in agg["effects"]}
+    world_eff = {e["effect"]: e for e in agg["effects"] if e["target"] == "misalignment (world labels)"}
+    assert world_eff["student - control"]["mean"] == pytest.approx((0.115 - 0.05) / 2)
+    eff = {e["effect"]: e for e in agg["effects"] if e["target"] == "misalignment"}
     assert set(eff) == {"student - control", "student - control_secure", "student - control_educational"}
     assert eff["student - control"]["mean"] == pytest.approx(0.115 - 0.05)
     assert abs(eff["student - control_educational"]["mean"]) < 0.005

@@ -55,6 +55,13 @@ def collect(root: Path) -> list[dict]:
                 "pairs": [[a["name"], c] for a in res.get("arms", []) for c in controls_of(a)],
             }
         )
+        world = {m: v.get("world_misaligned_rate") for m, v in res["models"].items()}
+        if res.get("metric") == "misaligned_rate" and world and None not in world.values():
+            # organisms of the misalignment world: the same effects by the world's true labels
+            rows.append(
+                rows[-1]
+                | {"target": "misalignment (world labels)", "metric": "world_misaligned_rate", "p": world}
+            )
     return rows
 
 
@@ -71,7 +78,7 @@ def bars_of(rows: list[dict]) -> list[str]:
 
 
 def metric_label(rows: list[dict]) -> str:
-    return "misaligned rate" if any(r.get("metric") == "misaligned_rate" for r in rows) else "P(target)"
+    return "misaligned rate" if any(r.get("metric", "p_target") != "p_target" for r in rows) else "P(target)"
 
 
 def _num(x) -> str:
