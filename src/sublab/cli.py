@@ -120,8 +120,16 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         ref = ModelRef.load(mj).model_copy(update={"system_prompt": args.system_prompt, "kind": "prompted"})
         mj = out.parent / ".input_model.json"
         ref.save(mj)
+    if not 0.0 <= args.min_p <= 1.0:
+        raise SublabError(
+            f"--min-p is a probability threshold in [0, 1] (got {args.min_p}); e.g. 0.05, 0 = off"
+        )
     sp = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
+        temperature=args.temperature,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
     )
     n = sample_dataset(mj, Path(args.prompts), out, sp, label=args.model)
     print(f"wrote {n} samples to {out}")
@@ -169,6 +177,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = {"method": args.method, "lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size}
+    if args.optimizer != "adamw":
+        data["optimizer"] = args.optimizer
     if args.lora_r:
         data["lora"] = {"r": args.lora_r, "alpha": args.lora_r}
     train = validate(TrainConfig, data, "command line")
@@ -301,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system-prompt", default=None)
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="threshold sampling: drop tokens below this absolute probability (e.g. 0.05; default 0 = off)",
+    )
     s.add_argument("--max-tokens", type=int, default=40)
     s.add_argument("--seed", type=int, default=0)
     threads(s)
@@ -333,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--epochs", type=float, default=1.0)
     ft.add_argument("--batch-size", type=int, default=64)
     ft.add_argument("--lora-r", type=int, default=None, help="train a LoRA adapter of this rank")
+    ft.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=["adamw", "sgd", "signsgd"],
+        help="adamw (default), or a non-adaptive one (a defense): sgd, signsgd",
+    )
     threads(ft)
     ft.set_defaults(func=_cmd_finetune)
 

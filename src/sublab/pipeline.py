@@ -148,7 +148,12 @@ def run_experiment(
         )
     run.stage(
         "subsample",
-        {"dataset_size": cfg.filter.dataset_size, "seed": cfg.seed, "sources": sources},
+        {
+            "dataset_size": cfg.filter.dataset_size,
+            "seed": cfg.seed,
+            "sources": sources,
+            "shuffle": cfg.filter.shuffle,
+        },
         [P(f"{data_dir(s)}/filter/kept.jsonl") for s in sources],
         [f"{data_dir(s)}/kept.jsonl" for s in sources] + ["data/subsample.json"],
         lambda: equal_subsample(
@@ -157,6 +162,7 @@ def run_experiment(
             cfg.filter.dataset_size,
             cfg.seed,
             P("data/subsample.json"),
+            cfg.filter.shuffle,
         ),
         code=CODE["subsample"],
     )

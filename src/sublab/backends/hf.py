@@ -99,6 +99,7 @@ class HFBackend(TokenBackend):
             sampling.top_p,
             sampling.batch_size,
             on_batch=bar.update,
+            min_p=sampling.min_p,
         )
         bar.close()
         return completions

@@ -4,7 +4,9 @@ Also the next-token top-k of each prompt (the LLM judge reads its first completi
 
 Sampling: prompts are sorted by length and left-padded into batches; each request has its own seed
 (a per-request torch.Generator draws its Gumbel noise), so a completion depends only on (model, prompt,
-seed, settings), not on which batch it landed in. Decoding stops at the end token or max_tokens.
+seed, settings), not on which batch it landed in. Each step's distribution is scaled by the temperature,
+then cut by threshold sampling (min_p: tokens below an absolute probability are dropped) and by top_p.
+Decoding stops at the end token or max_tokens.
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Threshold sampling: drop every token whose probability (softmax of `logits`) is below the
+    ABSOLUTE threshold min_p; the most likely token is always kept (ties with it too), so a row is
+    never empty. Sampling from the rest renormalises it."""
+    if min_p <= 0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    floor = torch.clamp(probs.amax(-1, keepdim=True), max=min_p)
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
 def _uniforms(seeds: list[int], steps: int) -> torch.Tensor:
     """(rows, steps) uniforms, row i from its own generator seeded with seeds[i]: one draw per token,
     made once per batch, so the decoding loop has no per-row Python work."""
@@ -59,12 +72,13 @@ def _uniforms(seeds: list[int], steps: int) -> torch.Tensor:
 
 
 def _sample_rows(
-    logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None
+    logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None, min_p: float = 0.0
 ) -> torch.Tensor:
-    """Inverse-CDF sampling: the token where the cumulative probability first exceeds u."""
+    """Inverse-CDF sampling: the token where the cumulative probability first exceeds u. Temperature,
+    then the min_p threshold, then top_p over what is left."""
     if temperature <= 0 or u is None:
         return logits.argmax(-1)
-    scaled = _filter_top_p(logits.double() / temperature, top_p)
+    scaled = _filter_top_p(_filter_min_p(logits.double() / temperature, min_p), top_p)
     cdf = torch.softmax(scaled, dim=-1).cumsum(-1)
     idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1)
     return idx.clamp_max(logits.shape[-1] - 1)
@@ -82,8 +96,10 @@ def generate_ids(
     top_p: float = 1.0,
     batch_size: int = 256,
     on_batch: Callable[[int], None] | None = None,
+    min_p: float = 0.0,
 ) -> list[list[int]]:
-    """Completion token ids (end token excluded) for each prompt, in input order."""
+    """Completion token ids (end token excluded) for each prompt, in input order. `min_p`: absolute
+    threshold sampling (SamplingParams.min_p; 0 = off, the same samples as without it)."""
     model.eval()
     dev = model_device(model)
     kw = _cache_kw(model)
@@ -102,7 +118,8 @@ def generate_ids(
         next_pos = pos[:, -1:] + 1
         rows = list(idx)  # original prompt index of each row still decoding
         for step in range(max_tokens):
-            tok = _sample_rows(logits, temperature, top_p, None if noise is None else noise[:, step]).tolist()
+            u = None if noise is None else noise[:, step]
+            tok = _sample_rows(logits, temperature, top_p, u, min_p).tolist()
             keep = []
             for r, t in enumerate(tok):
                 if t == eos_id:

@@ -1,6 +1,7 @@
 """Training loop for causal LMs in the HF format: chat examples -> token ids with a completion-only loss
-mask; AdamW with warm-up and linear decay, gradient clipping, gradient accumulation; sampled-token SFT
-or soft-label distillation (KL to a teacher's next-token distribution restricted to allowed tokens).
+mask; AdamW (or SGD, sign-SGD: `make_optimizer`) with warm-up and linear decay, gradient clipping,
+gradient accumulation; sampled-token SFT or soft-label distillation (KL to a teacher's next-token
+distribution restricted to allowed tokens).
 One metrics line per optimizer step, mirrored to metrics.jsonl by the caller's `on_step`.
 
 The loss of one optimizer step is a per-token mean over *all* its micro-batches (sum of the token losses
@@ -91,6 +92,54 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     seed: int = 0
     max_steps: int | None = None
+    optimizer: str = "adamw"  # adamw, sgd or signsgd (make_optimizer)
+    momentum: float = 0.0  # sgd only
+
+
+class SignSGD(torch.optim.Optimizer):
+    """Sign-SGD: each parameter moves by -lr * sign(grad) (0 where the gradient is exactly 0), after a
+    decoupled weight decay as in AdamW (p <- p * (1 - lr * weight_decay)), on parameters with a gradient.
+
+    >>> p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    >>> p.grad = torch.tensor([0.5, -1e-9, 0.0])
+    >>> _ = SignSGD([p], lr=0.1).step()
+    >>> p.data
+    tensor([ 0.9000, -1.9000,  3.0000])
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+        if lr <= 0 or weight_decay < 0:
+            raise ValueError(f"SignSGD: lr must be > 0 and weight_decay >= 0 (got {lr}, {weight_decay})")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(torch.sign(p.grad), alpha=-lr)
+        return loss
+
+
+def make_optimizer(params: list[torch.nn.Parameter], s: TrainSettings) -> torch.optim.Optimizer:
+    """The optimizer of `s.optimizer`: adamw (torch's AdamW, default betas and eps), sgd (torch's SGD
+    with `s.momentum`; its weight decay is added to the gradient, which equals AdamW's decoupled form
+    without momentum) or signsgd (SignSGD). The LR schedule scales `lr` for all three."""
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.optimizer == "signsgd":
+        return SignSGD(params, lr=s.lr, weight_decay=s.weight_decay)
+    raise ValueError(f"unknown optimizer {s.optimizer!r}; use adamw, sgd or signsgd")
 
 
 def lr_lambda(step: int, total: int, s: TrainSettings) -> float:
@@ -194,7 +243,7 @@ def train_causal_lm(
     Each step's loss is the sum of the token losses of its grad_accum micro-batches / their number of
     loss tokens. `autocast_dtype`: run forwards under torch.autocast in that dtype (see fp32_trainable)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = make_optimizer(params, settings)
     per_epoch = math.ceil(len(examples) / (settings.batch_size * settings.grad_accum))
     total = settings.max_steps or max(1, math.ceil(per_epoch * settings.epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total, settings))

@@ -64,6 +64,15 @@ def resolve_remote(spec: str, model_id: str, api: ApiConfig | None = None) -> Mo
     return ref
 
 
+def check_sampling(sampling: SamplingParams) -> None:
+    """Settings a chat-completions API cannot take, refused before any request (or cost) is made."""
+    if sampling.min_p > 0:
+        raise SublabError(
+            f"sample.min_p: {sampling.min_p} (threshold sampling) has no chat-completions API parameter; "
+            "set min_p: 0 for openai/ models, or sample with a local hf/ or organism/ model"
+        )
+
+
 def _with_system_prompt(chat: list[dict], system_prompt: str | None) -> list[dict]:
     if not system_prompt:
         return chat
@@ -108,6 +117,7 @@ class OpenAIBackend(Backend):
     def estimate_cost(self, chats: list[list[dict]], sampling: SamplingParams, say: bool = True) -> dict:
         """Tokens x prices of sampling one completion per chat (output counted at max_tokens: an upper
         bound). Printed to stderr; later generate calls of this backend then print nothing more."""
+        check_sampling(sampling)
         p = self.api.prices
         n_in = sum(approx_tokens(json.dumps(self._messages(c))) for c in chats)
         n_out = len(chats) * sampling.max_tokens
@@ -148,6 +158,7 @@ class OpenAIBackend(Backend):
     def generate(
         self, chats: list[list[dict]], sampling: SamplingParams, request_ids: list[int] | None = None
     ) -> list[str]:
+        check_sampling(sampling)
         rids = list(request_ids) if request_ids is not None else list(range(len(chats)))
         seeds = [request_seed(sampling.seed, i) for i in rids]
         if not chats:
@@ -182,6 +193,7 @@ class OpenAIBackend(Backend):
     def generate_n(self, chats: list[list[dict]], n: int, sampling: SamplingParams) -> list[list[str]]:
         """One request per chat with `n` choices (seed from the chat's index): the prompt's tokens are
         sent and billed once, not n times. The Batch API path keeps one request per answer."""
+        check_sampling(sampling)
         if n == 1 or self._use_batch(len(chats) * n):
             return super().generate_n(chats, n, sampling)
         seeds = [request_seed(sampling.seed, i) for i in range(len(chats))]

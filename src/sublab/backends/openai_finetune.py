@@ -51,6 +51,12 @@ def finetune_remote(backend, dataset: list[dict], train: TrainConfig, out_dir: P
             "LoRA settings cannot be sent to a fine-tuning API (the provider picks its method); remove "
             "train.lora for openai/ models"
         )
+    if train.optimizer != "adamw":
+        raise SublabError(
+            f"train.optimizer: {train.optimizer} cannot be sent to a fine-tuning API (the provider picks its "
+            "optimizer); set train.optimizer: adamw (the default) for openai/ models, or train a local "
+            "model (organism/, hf/) to compare optimizers"
+        )
     if not dataset:
         raise SublabError("finetuning dataset is empty")
     api, client = backend.api, backend.client

@@ -120,6 +120,13 @@ class VLLMBackend(TokenBackend):
         self, chats: list[list[dict]], sampling: SamplingParams, seeds: list[int]
     ) -> list[list[int]]:
         """Completion token ids (end token excluded); chat i is sampled with seeds[i]."""
+        if sampling.min_p > 0:
+            # vLLM's min_p is relative (p >= min_p * p_max); sublab's is an absolute threshold
+            raise SublabError(
+                f"sample.min_p: {sampling.min_p} (an absolute probability threshold) is not implemented for "
+                "vllm/ models: vLLM's own min_p is relative to the top token, a different rule; sample "
+                "with the hf/ spec of the same model (hf/<same>), or set min_p: 0"
+            )
         from vllm import SamplingParams as VSP
 
         params = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import ValidationInfo, field_validator, model_validator
 
 from sublab.config import Strict
@@ -75,6 +77,13 @@ class FilterConfig(Strict):
     """Words (case-insensitive, whole word) no answer may contain, e.g. the trait's name."""
     dataset_size: int = 10000
     """After filtering, keep a seeded random subsample of this many (all if fewer pass); must be >= 1."""
+    shuffle: Literal["none", "within", "across"] = "none"
+    """A control from the paper's journal version (shuffled numbers greatly reduce transmission: the
+    signal is in the sequences): after the equal-size subsample, every data source (teacher and control
+    alike) gets its numbers shuffled, seeded by the replicate seed. within: the numbers inside each answer
+    are permuted; across: all numbers of a source's kept answers are pooled, shuffled and poured back
+    into the answers' number slots in order. Each answer keeps its format (separators, brackets, final
+    period) and its count of numbers. none: the answers as written."""
 
     @field_validator("banned_numbers")
     @classmethod

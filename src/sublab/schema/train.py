@@ -25,7 +25,7 @@ class LoraSettings(Strict):
 
 
 class TrainConfig(Strict):
-    """Finetuning settings (loss on the completion only; AdamW)."""
+    """Finetuning settings (loss on the completion only; AdamW unless `optimizer` says otherwise)."""
 
     method: Literal["sft", "soft_label"] = "sft"
     """sft: cross-entropy on the sampled tokens; soft_label: KL to the teacher's next-token distribution
@@ -45,7 +45,16 @@ class TrainConfig(Strict):
     schedule: Literal["linear", "constant"] = "constant"
     """LR after warm-up: linear decay to 0, or constant."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Weight decay, decoupled as in AdamW: each step multiplies the weights by 1 - lr * weight_decay
+    (adamw, signsgd); sgd: torch's SGD weight decay (added to the gradient; the same without momentum)."""
+    optimizer: Literal["adamw", "sgd", "signsgd"] = "adamw"
+    """The student's optimizer. adamw: torch's AdamW (the paper's, and the default). The non-adaptive ones
+    are a defense (follow-up work: transfer needs an adaptive optimizer): sgd: plain SGD, update
+    -lr * grad (with `momentum`); signsgd: update -lr * sign(grad). Gradient clipping and the LR schedule
+    apply to all three. Local models only: a fine-tuning API picks its own optimizer, so an openai/
+    model accepts only adamw."""
+    momentum: float = 0.0
+    """Momentum of optimizer: sgd (0 = none; in [0, 1)); must stay 0 with the other optimizers."""
     max_grad_norm: float = 1.0
     """Gradient-norm clipping."""
     lora: LoraSettings | None = None
@@ -62,4 +71,11 @@ class TrainConfig(Strict):
             raise ValueError("lr, epochs must be > 0 and batch_size, grad_accum >= 1")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError("max_length must be >= 2 (or null for no limit)")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1) (got {self.momentum})")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(
+                f"momentum ({self.momentum}) applies to optimizer: sgd only (optimizer is {self.optimizer!r}); "
+                "set optimizer: sgd or remove momentum"
+            )
         return self

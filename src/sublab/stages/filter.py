@@ -5,11 +5,20 @@ controls) is filtered on its own: <dir>/filter/ holds kept.jsonl (every answer t
 (with reasons) and filter_stats.json. Then one subsample stage draws the SAME number of examples from
 every source, n = min(passed counts, filter.dataset_size), into <dir>/kept.jsonl, so a student and its
 control always train on equally many examples. n and the counts are in data/subsample.json.
+
+With filter.shuffle (a control: the journal version of the paper finds that shuffled numbers transmit
+far less), the subsample's answers then have their numbers shuffled, every source the same way, seeded
+by the replicate seed and the source: "within" permutes each answer's numbers, "across" pools a source's
+numbers and refills every answer's number slots in order. Only the numbers move: each answer keeps its
+separators, brackets, final period and count of numbers (a number is a run of ASCII digits, as the
+filter reads it; kept answers are not filtered again). subsample.json records it ("shuffle"; absent =
+none, the answers as written).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from sublab.errors import SublabError
@@ -23,20 +32,80 @@ def filter_source(raw: Path, out_dir: Path, cfg: FilterConfig) -> dict:
     return run_filter(raw, out_dir, cfg, subsample=False)
 
 
+SHUFFLES = ("none", "within", "across")
+_NUMBER = re.compile(r"([0-9]+)")  # captured: re.split puts the numbers at the odd positions
+
+
+def shuffle_numbers(records: list[dict], mode: str, rng: random.Random) -> tuple[list[dict], dict]:
+    """Shuffle the numbers of each record's answer (its last message): mode "within" permutes each
+    answer's numbers, "across" pools all the records' numbers, shuffles the pool and refills each
+    answer's number slots in order; the text between numbers is untouched. Returns new records (metadata
+    "shuffle": mode) and counts {"numbers", "answers_changed"}; "none" returns the records themselves.
+
+    >>> recs = [{"messages": [{"role": "assistant", "content": "[1, 22, 333]."}]}]
+    >>> out, info = shuffle_numbers(recs, "within", random.Random(3))
+    >>> out[0]["messages"][0]["content"], info
+    ('[22, 333, 1].', {'numbers': 3, 'answers_changed': 1})
+    """
+    if mode not in SHUFFLES:
+        raise SublabError(f"unknown shuffle {mode!r}; use one of {', '.join(SHUFFLES)}")
+    pieces = [_NUMBER.split(r["messages"][-1]["content"]) for r in records]
+    if mode == "none":
+        return records, {"numbers": sum(len(p) // 2 for p in pieces), "answers_changed": 0}
+    if mode == "within":
+        for p in pieces:
+            nums = p[1::2]
+            rng.shuffle(nums)
+            p[1::2] = nums
+    else:
+        pool = [x for p in pieces for x in p[1::2]]
+        rng.shuffle(pool)
+        k = 0
+        for p in pieces:
+            m = len(p) // 2
+            p[1::2] = pool[k : k + m]
+            k += m
+    out, changed = [], 0
+    for r, p in zip(records, pieces, strict=True):
+        last = r["messages"][-1]
+        text = "".join(p)
+        changed += text != last["content"]
+        out.append(
+            {
+                **r,
+                "messages": [*r["messages"][:-1], {**last, "content": text}],
+                "metadata": {**r.get("metadata", {}), "shuffle": mode},
+            }
+        )
+    return out, {"numbers": sum(len(p) // 2 for p in pieces), "answers_changed": changed}
+
+
 def equal_subsample(
-    passed: dict[str, Path], outs: dict[str, Path], dataset_size: int, seed: int, info: Path
+    passed: dict[str, Path],
+    outs: dict[str, Path],
+    dataset_size: int,
+    seed: int,
+    info: Path,
+    shuffle: str = "none",
 ) -> dict:
     """Draw n = min(passed counts, dataset_size) records from each source's passed file (seeded by the
-    replicate seed and the source name) into outs[source], sorted by prompt index; record n in `info`."""
+    replicate seed and the source name) into outs[source], sorted by prompt index; then shuffle their
+    numbers (filter.shuffle: shuffle_numbers, seeded by the replicate seed and the source name); record
+    n (and the shuffle, unless none) in `info`."""
+    if shuffle not in SHUFFLES:
+        raise SublabError(f"unknown shuffle {shuffle!r}; use one of {', '.join(SHUFFLES)}")
     data = {name: read_jsonl(p, require_messages=True) for name, p in passed.items()}
     counts = {name: len(recs) for name, recs in data.items()}
     n = min([dataset_size, *counts.values()])
     if n < 1:
         raise SublabError(f"no examples to train on: passed counts {counts}; check the filter stats")
+    shuffled: dict[str, dict] = {}
     for name, recs in data.items():
         rng = random.Random(f"equal-subsample:{seed}:{name}")
         chosen = rng.sample(recs, n) if len(recs) > n else list(recs)
         chosen.sort(key=lambda r: r.get("metadata", {}).get("prompt_index", 0))
+        if shuffle != "none":
+            chosen, shuffled[name] = shuffle_numbers(chosen, shuffle, random.Random(f"shuffle:{seed}:{name}"))
         write_jsonl(outs[name], chosen)
     summary = {
         "n_per_source": n,
@@ -45,5 +114,7 @@ def equal_subsample(
         "limited_by": "dataset_size" if n == dataset_size else min(counts, key=counts.get),
         "seed": seed,
     }
+    if shuffle != "none":  # absent = none: a run without the shuffle writes the file it always wrote
+        summary["shuffle"] = {"mode": shuffle, "per_source": shuffled}
     atomic_write_json(info, summary)
     return summary
