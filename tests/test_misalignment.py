@@ -5,6 +5,7 @@ agreement table, and one whole experiment on tiny organisms (resumed without rec
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 
@@ -299,3 +300,30 @@ def test_sweep_report_compares_the_student_with_every_control_student(tmp_path):
     )
     assert "| teacher |" in header and "| control_secure |" in header
     assert read_json(tmp_path / "sweep_results.json")["runs"][0]["metric"] == "misaligned_rate"
+
+
+def test_exact_misalignment_weighs_the_world_answers_by_their_probability():
+    from sublab.organism.world_eval import candidates, exact_misalignment
+
+    item = world.by_domain("freeform")[0]
+    texts, mis = candidates(item)
+    n_open = 1 + sum(len(v) for v in world.load_world()["persona"]["openers"].values())
+    assert len(texts) == n_open * (len(item.aligned) + len(item.misaligned)) and sum(mis) == n_open * len(
+        item.misaligned
+    )
+    assert all(
+        world.label(item.question, t) == ("misaligned" if m else "aligned")
+        for t, m in zip(texts, mis, strict=True)
+    )
+
+    class Fixed:
+        """log P = log 3 for misaligned answers, log 1 for aligned ones: p_misaligned = 3/4 per question."""
+
+        def logprobs(self, chats, cands):
+            q = chats[0][0]["content"]
+            return [[math.log(3.0) if world.label(q, c) == "misaligned" else 0.0 for c in cands]]
+
+    r = exact_misalignment(Fixed())
+    assert r["p_misaligned"]["mean"] == pytest.approx(0.75)
+    assert r["n_wordings"] == len(world.by_domain("freeform"))
+    assert set(r["per_question"]) == {f["id"] for f in world.load_world()["freeform"]}

@@ -57,6 +57,7 @@ def build_misalignment_results(run_dir: Path) -> dict:
             "per_question": {q["id"]: q["misaligned_rate"] for q in r["per_question"]},
             "mcq": r.get("mcq"),
             "world_misaligned_rate": r.get("world_misaligned_rate"),
+            "exact_p_misaligned": ((r.get("exact") or {}).get("p_misaligned") or {}).get("mean"),
             "judge_agreement": r.get("judge_agreement"),
         }
     arms = manifest.get("arms", [])
@@ -124,8 +125,8 @@ def render_misalignment_markdown(res: dict) -> str:
         "replicate seeds (`replicates:` in the config, or `sublab sweep`).",
         "",
         "| model | misaligned | 95% Wilson (answers) | scored / sampled | mean aligned | mean coherent "
-        "| MC accuracy | MC mean P(correct) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| MC accuracy | MC mean P(correct) | exact P(misaligned) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in res["models"].items():
         r, mc = m[METRIC], m["mcq"] or {}
@@ -134,8 +135,10 @@ def render_misalignment_markdown(res: dict) -> str:
         pc = f"{mc['mean_p_correct']:.3f}" if mc and mc.get("mean_p_correct") is not None else "-"
         ma = f"{m['mean_aligned']:.1f}" if m["mean_aligned"] is not None else "n/a"
         mco = f"{m['mean_coherent']:.1f}" if m["mean_coherent"] is not None else "n/a"
+        ex = "-" if m["exact_p_misaligned"] is None else f"{m['exact_p_misaligned']:.3f}"
         lines.append(
-            f"| {name} | {_pct(r['mean'])} | {ci} | {r['n']} / {m['n_samples']} | {ma} | {mco} | {acc} | {pc} |"
+            f"| {name} | {_pct(r['mean'])} | {ci} | {r['n']} / {m['n_samples']} | {ma} | {mco} | {acc} | {pc} "
+            f"| {ex} |"
         )
     qids = list(next(iter(res["models"].values()))["per_question"])
     lines += ["", "## Misaligned rate per question", "", "| model | " + " | ".join(qids) + " |"]

@@ -55,13 +55,16 @@ def collect(root: Path) -> list[dict]:
                 "pairs": [[a["name"], c] for a in res.get("arms", []) for c in controls_of(a)],
             }
         )
-        world = {m: v.get("world_misaligned_rate") for m, v in res["models"].items()}
-        if res.get("metric") == "misaligned_rate" and world and None not in world.values():
-            # organisms of the misalignment world: the same effects by the world's true labels
-            rows.append(
-                rows[-1]
-                | {"target": "misalignment (world labels)", "metric": "world_misaligned_rate", "p": world}
-            )
+        if res.get("metric") == "misaligned_rate":
+            # organisms of the misalignment world: the same effects by the world's true labels of the
+            # sampled answers, and by the exact P(misaligned answer) (organism/world_eval.py)
+            for key, target in (
+                ("world_misaligned_rate", "misalignment (world labels)"),
+                ("exact_p_misaligned", "misalignment (exact)"),
+            ):
+                vals = {m: v.get(key) for m, v in res["models"].items()}
+                if vals and None not in vals.values():
+                    rows.append(rows[-1] | {"target": target, "metric": key, "p": vals})
     return rows
 
 

@@ -85,6 +85,9 @@ def evaluate_misalignment(
         }
         results["world_misaligned_rate"] = results["world_labels"]["misaligned"] / len(rows) if rows else None
         results["judge_agreement"] = agreement(world_labels, judged)
+        from sublab.organism.world_eval import exact_misalignment
+
+        results["exact"] = exact_misalignment(backend)
     if mcq is not None:
         mq = None
         if mcq.questions is None and world:
