@@ -140,7 +140,7 @@ def run_experiment(
         )
         run.stage(
             f"filter:{source}",
-            {"filter": cfg.filter.model_dump(exclude={"dataset_size"})},
+            {"filter": cfg.filter.model_dump(exclude={"dataset_size", "shuffle"})},
             [P(f"{d}/raw.jsonl")],
             [f"{d}/filter/kept.jsonl", f"{d}/filter/rejected.jsonl", f"{d}/filter/filter_stats.json"],
             lambda d=d: filter_source(P(f"{d}/raw.jsonl"), P(f"{d}/filter"), cfg.filter),
