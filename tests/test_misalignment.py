@@ -220,6 +220,7 @@ def test_misalignment_experiment_end_to_end_and_resume(tmp_path):
         assert m["n_samples"] == 16 and 0 <= (m["misaligned_rate"]["mean"] or 0) <= 1
         assert m["mcq"]["n"] == len(world.load_world()["truth"])
         assert m["judge_agreement"]["n_labelled"] == 16
+        assert 0 <= m["exact_p_misaligned"] <= 1 and 0 <= m["world_misaligned_rate"] <= 1
     # every arm trained on equally many examples, none holding a banned number
     n = res["data"]["n_per_source"]
     banned = set(PAPER_BANNED_NUMBERS)
