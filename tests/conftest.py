@@ -113,3 +113,21 @@ def serve_subprocess(cache_dir: Path, state: Path, args: list[str] = (), env: di
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture()
+def default_device():
+    """The device and dtype back at their defaults around a test (tests that configure them)."""
+    from sublab.backends.device import configure
+
+    configure(None, None)
+    yield
+    configure(None, None)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The organism's word-level tokenizer (the preference world)."""
+    from sublab.organism.tokenizer import build_tokenizer
+
+    return build_tokenizer()

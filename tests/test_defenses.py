@@ -18,7 +18,6 @@ from conftest import tiny_experiment
 from pydantic import ValidationError
 
 from sublab.backends.base import ModelRef
-from sublab.backends.device import configure
 from sublab.backends.hf import HFBackend, finetune_hf, load_hf
 from sublab.backends.hf_generate import _filter_top_p, _sample_rows, _uniforms, generate_ids, prompt_ids_for
 from sublab.backends.hf_train import (
@@ -36,7 +35,6 @@ from sublab.errors import SublabError
 from sublab.filters import number_answer_reasons
 from sublab.organism.pretrain import make_model
 from sublab.organism.recipe import OrganismRecipe
-from sublab.organism.tokenizer import build_tokenizer
 from sublab.pipeline import run_experiment
 from sublab.records import read_json, read_jsonl, write_jsonl
 from sublab.schema import ExperimentConfig
@@ -45,17 +43,7 @@ from sublab.schema.sampling import SamplingParams
 from sublab.schema.train import TrainConfig
 from sublab.stages.filter import equal_subsample, shuffle_numbers
 
-
-@pytest.fixture(autouse=True)
-def _default_device():
-    configure(None, None)
-    yield
-    configure(None, None)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
+pytestmark = pytest.mark.usefixtures("default_device")
 
 
 def tiny_model(tok, seed=0):

@@ -27,20 +27,9 @@ from sublab.backends.hf_train import (
 )
 from sublab.organism.pretrain import make_model
 from sublab.organism.recipe import OrganismRecipe
-from sublab.organism.tokenizer import build_tokenizer
 from sublab.schema.train import LoraSettings, TrainConfig
 
-
-@pytest.fixture(autouse=True)
-def _default_device():
-    configure(None, None)
-    yield
-    configure(None, None)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
+pytestmark = pytest.mark.usefixtures("default_device")
 
 
 def tiny(tok, seed=0, layers=1, tied=True):

@@ -18,11 +18,11 @@ from sublab.analysis.run_report import (
     SCHEMA_VERSION,
     controls_of,
     filter_table,
-    render_html,
+    publish,
     save_figure,
 )
 from sublab.errors import SublabError
-from sublab.records import atomic_write_json, atomic_write_text, read_json
+from sublab.records import read_json
 
 ORDER = ["reference", "teacher", "student", "control"]
 METRIC = "misaligned_rate"
@@ -244,9 +244,4 @@ def plot_misalignment(res: dict, path: Path) -> None:
 def write_misalignment_report(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     res = build_misalignment_results(run_dir)
-    atomic_write_json(run_dir / "results.json", res)
-    md = render_misalignment_markdown(res)
-    atomic_write_text(run_dir / "report.md", md)
-    atomic_write_text(run_dir / "report.html", render_html(md))
-    plot_misalignment(res, run_dir / "figures" / "misalignment.png")
-    return res
+    return publish(run_dir, res, render_misalignment_markdown(res), plot_misalignment, "misalignment.png")

@@ -307,9 +307,13 @@ def write_report(run_dir: str | Path) -> dict:
 
         return write_misalignment_report(run_dir)
     res = build_results(run_dir)
+    return publish(run_dir, res, render_markdown(res), plot, "preference.png")
+
+
+def publish(run_dir: Path, res: dict, md: str, draw, figure: str) -> dict:
+    """Write a run's results.json, report.md, report.html and its figure (draw(res, path))."""
     atomic_write_json(run_dir / "results.json", res)
-    md = render_markdown(res)
     atomic_write_text(run_dir / "report.md", md)
     atomic_write_text(run_dir / "report.html", render_html(md))
-    plot(res, run_dir / "figures" / "preference.png")
+    draw(res, run_dir / "figures" / figure)
     return res
