@@ -237,9 +237,99 @@ def run_experiment(
             device=True,
         )
 
+    # --- issue 13: ICL control, KL leak meter, classifier probe (trait kind preference; off by default) ---
+    if cfg.trait.kind == "preference":
+        _issue13_stages(run, cfg, targets, api)
+    # --- end issue 13 block ---
+
     from sublab.analysis.run_report import write_report
 
     run.record("evaluated", evaluated)
     run.record("arms", [a.model_dump() for a in arms])
     write_report(run.root)
     return run
+
+
+# --- issue 13: ICL control, KL leak meter, classifier probe -------------------------------------------
+ICL_CODE = ("sublab.controls", "sublab.evals", *MODEL_CODE)
+METER_CODE = ("sublab.meters",)
+
+
+def _issue13_stages(run: Run, cfg: ExperimentConfig, targets: list[str], api) -> None:
+    """Stages eval:icl_{teacher,control}_k{k} (controls.icl_examples), leak (controls.leak_meter_examples)
+    and classifier (controls.classifier); none of them exists when its option is off."""
+    P, prog, c = run.path, cfg.progress, cfg.controls
+    from sublab.controls.icl import ICL_VERSION, evaluate_icl
+
+    for k in c.icl_examples:
+        if k < 1:
+            continue  # k = 0 is the reference's own evaluation (eval:reference)
+        for source, d in (("teacher", data_dir("teacher")), ("control", data_dir("reference"))):
+            name = f"icl_{source}_k{k}"
+            run.stage(
+                f"eval:{name}",
+                {
+                    "eval": cfg.eval.model_dump(),
+                    "category": cfg.trait.category,
+                    "targets": targets,
+                    "k": k,
+                    "seed": cfg.seed,
+                    "version": EVAL_VERSION,
+                    "icl_version": ICL_VERSION,
+                },
+                [P("reference/model.json"), P(f"{d}/kept.jsonl")],
+                [f"eval/{name}/results.json", f"eval/{name}/samples.jsonl"],
+                lambda n=name, d=d, k=k, s=source: evaluate_icl(
+                    P("reference/model.json"),
+                    P(f"{d}/kept.jsonl"),
+                    k,
+                    cfg.seed,
+                    s,
+                    cfg.trait.category,
+                    targets,
+                    cfg.eval,
+                    P(f"eval/{n}"),
+                    prog,
+                    api=api,
+                ),
+                code=ICL_CODE,
+                device=True,
+            )
+    if c.leak_meter_examples > 0:
+        from sublab.meters.kl import leak_meter
+
+        run.stage(
+            "leak",
+            {"n": c.leak_meter_examples, "seed": cfg.seed},
+            [P("teacher/model.json"), P("reference/model.json"), P("data/kept.jsonl")],
+            ["data/leak.json"],
+            lambda: leak_meter(
+                P("teacher/model.json"),
+                P("reference/model.json"),
+                P("data/kept.jsonl"),
+                c.leak_meter_examples,
+                cfg.seed,
+                P("data/leak.json"),
+            ),
+            code=(*METER_CODE, *MODEL_CODE),
+            device=True,
+        )
+    if c.classifier:
+        from sublab.meters.classifier import classifier_control
+
+        run.stage(
+            "classifier",
+            {"seed": cfg.seed},
+            [P("data/kept.jsonl"), P(f"{data_dir('reference')}/kept.jsonl")],
+            ["data/classifier.json"],
+            lambda: classifier_control(
+                P("data/kept.jsonl"),
+                P(f"{data_dir('reference')}/kept.jsonl"),
+                cfg.seed,
+                P("data/classifier.json"),
+            ),
+            code=METER_CODE,
+        )
+
+
+# --- end issue 13 block ---

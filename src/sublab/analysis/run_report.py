@@ -97,7 +97,7 @@ def build_results(run_dir: Path) -> dict:
     sub = run_dir / "data" / "subsample.json"
     data = read_json(sub) if sub.is_file() else {}
     first = next(iter(evals.values()))
-    return {
+    res = {
         "schema_version": SCHEMA_VERSION,
         "name": cfg.get("name"),
         "seed": cfg.get("seed"),
@@ -116,6 +116,10 @@ def build_results(run_dir: Path) -> dict:
         "comparisons": comparisons,
         "filter": filt,
     }
+    # --- issue 13: ICL control, KL leak meter, classifier probe (only when the run has them) ---
+    res.update(issue13_results(run_dir, target, evals))
+    # --- end issue 13 block ---
+    return res
 
 
 def render_markdown(res: dict) -> str:
@@ -189,6 +193,7 @@ def render_markdown(res: dict) -> str:
         n = res["data"].get("n_per_source", "?")
         for name, st in res["filter"].items():
             lines.append(f"| {name} | {st['n_in']} | {st['n_passed']} | {st['pass_rate']:.3f} | {n} |")
+    lines += issue13_markdown(res)  # issue 13: ICL control, KL leak meter, classifier probe
     lines += [
         "",
         "![P(target)](figures/preference.png)",
@@ -317,3 +322,119 @@ def publish(run_dir: Path, res: dict, md: str, draw, figure: str) -> dict:
     atomic_write_text(run_dir / "report.html", render_html(md))
     draw(res, run_dir / "figures" / figure)
     return res
+
+
+# --- issue 13: ICL control, KL leak meter, classifier probe --------------------------------------------
+
+
+def issue13_results(run_dir: Path, target: str, evals: dict) -> dict:
+    """`icl` (per k: P(target) with k teacher examples, with k control examples, and the difference),
+    `leak` (data/leak.json without per-answer rows) and `classifier` (data/classifier.json): only the
+    keys whose files exist."""
+    out: dict = {}
+    icl = {}
+    for p in sorted((run_dir / "eval").glob("icl_teacher_k*/results.json")):
+        k = int(p.parent.name.removeprefix("icl_teacher_k"))
+        q = run_dir / "eval" / f"icl_control_k{k}" / "results.json"
+        if not q.is_file():
+            continue
+        rt, rc = read_json(p), read_json(q)
+        ta, tb = rt["targets"][target], rc["targets"][target]
+        icl[k] = {
+            "teacher": {x: ta[x] for x in _CI},
+            "control": {x: tb[x] for x in _CI},
+            "difference": describe_diff(ta["per_question"], tb["per_question"]),
+            "mean_examples_used": {
+                "teacher": rt.get("icl", {}).get("mean_examples_used"),
+                "control": rc.get("icl", {}).get("mean_examples_used"),
+            },
+            "max_positions": rt.get("icl", {}).get("max_positions"),
+        }
+    if icl and "reference" in evals and target in evals["reference"]["targets"]:
+        ref = evals["reference"]["targets"][target]
+        icl.setdefault(
+            0,
+            {
+                "teacher": {x: ref[x] for x in _CI},
+                "control": {x: ref[x] for x in _CI},
+                "difference": describe_diff(ref["per_question"], ref["per_question"]),
+                "mean_examples_used": {"teacher": 0, "control": 0},
+                "max_positions": None,
+            },
+        )
+    if icl:
+        out["icl"] = {str(k): icl[k] for k in sorted(icl)}
+    leak = run_dir / "data" / "leak.json"
+    if leak.is_file():
+        out["leak"] = {k: v for k, v in read_json(leak).items() if k != "per_answer"}
+    clf = run_dir / "data" / "classifier.json"
+    if clf.is_file():
+        out["classifier"] = read_json(clf)
+    return out
+
+
+def issue13_markdown(res: dict) -> list[str]:
+    """The report sections of the ICL control, the KL leak meter and the classifier probe (if present)."""
+    t = res["trait"]["target"]
+    lines: list[str] = []
+    if res.get("icl"):
+        lines += [
+            "",
+            "## In-context control",
+            "",
+            f"The reference model with k examples in context before each question: P({t}) with k of the "
+            "teacher's kept answers vs k of the control data's, and the difference (mean over questions, "
+            "spread over questions: description). Examples used: the mean per question after dropping the "
+            "oldest ones to fit the model's context.",
+            "",
+            f"| k | P({t}) teacher examples | P({t}) control examples | difference | sd over questions "
+            "| examples used (teacher / control) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k, e in res["icl"].items():
+            a, b, d, u = e["teacher"], e["control"], e["difference"], e["mean_examples_used"]
+            used = " / ".join("n/a" if x is None else f"{x:.1f}" for x in (u["teacher"], u["control"]))
+            lines.append(
+                f"| {k} | {a['mean']:.4f} [{a['lo']:.4f}, {a['hi']:.4f}] | {b['mean']:.4f} "
+                f"[{b['lo']:.4f}, {b['hi']:.4f}] | {d['mean']:+.4f} | {d['sd_over_questions']:.4f} | {used} |"
+            )
+    if res.get("leak"):
+        lk = res["leak"]
+        lines += ["", "## Leak meter: teacher vs reference on the kept teacher data", ""]
+        if "skipped" in lk:
+            lines.append(f"Skipped: {lk['skipped']}.")
+        else:
+            lines += [
+                f"Exact KL(teacher || reference) over the full vocabulary at each answer token, on "
+                f"{lk['n_answers']} kept teacher answers ({lk['n_tokens']} tokens); LLR = log P_teacher(answer) "
+                "- log P_reference(answer). 95% t-intervals over answers.",
+                "",
+                "| measure | mean | 95% CI |",
+                "|---|---|---|",
+            ]
+            for label, key in (
+                ("KL per token (nats)", "kl_per_token"),
+                ("KL per answer (nats)", "kl_per_answer"),
+                ("LLR per answer (nats)", "llr_per_answer"),
+            ):
+                x = lk[key]
+                lines.append(f"| {label} | {x['mean']:.5f} | [{x['lo']:.5f}, {x['hi']:.5f}] |")
+    if res.get("classifier"):
+        c = res["classifier"]
+        lines += [
+            "",
+            "## Classifier control (probe)",
+            "",
+            "A logistic-regression probe on bag-of-numbers + length features, trained on half of the teacher "
+            "and control kept answers, tested on the other half (not the paper's prompted-LLM classifier). "
+            "Chance is 50%.",
+            "",
+            "| test answers | accuracy | 95% Wilson CI | p vs 50% (binomial) | train accuracy |",
+            "|---|---|---|---|---|",
+            f"| {c['n_test']} | {c['accuracy']:.3f} | [{c['lo']:.3f}, {c['hi']:.3f}] | {c['p_vs_chance']:.2g} "
+            f"| {c['train_accuracy']:.3f} |",
+        ]
+    return lines
+
+
+# --- end issue 13 block ---

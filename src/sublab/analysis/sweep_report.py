@@ -55,6 +55,7 @@ def collect(root: Path) -> list[dict]:
                 "pairs": [[a["name"], c] for a in res.get("arms", []) for c in controls_of(a)],
             }
         )
+        issue13_row(rows[-1], res)  # issue 13: ICL control, leak meter, classifier probe
         if res.get("metric") == "misaligned_rate":
             # organisms of the misalignment world: the same effects by the world's true labels of the
             # sampled answers, and by the exact P(misaligned answer) (organism/world_eval.py)
@@ -381,6 +382,7 @@ def write_sweep_report(root: str | Path) -> dict:
     state = load_sweep(root)
     rows = collect(root)
     agg = aggregate(rows)
+    agg.update(issue13_aggregate(rows))  # issue 13: ICL control and classifier effects, apart
     ordered = sorted(rows, key=lambda r: (r["condition"], _axes_key(r.get("axes", {}))))
     panels = list(dict.fromkeys((r["condition"], r.get("setting", "")) for r in ordered))
     has_setting = any(s for _, s in panels)
@@ -412,6 +414,7 @@ def write_sweep_report(root: str | Path) -> dict:
             f"| {_p(e['p_holm'])} | {_p(e['p_welch'])} | {_p(e['p_permutation'])} "
             f"| {_p(e['min_permutation_p'])} | {e['cohens_dz']:.2f} |"
         )
+    lines += issue13_sweep_markdown(agg)  # issue 13
     figs = []
     lines += ["", "## Figures", ""]
     for i, (cond, setting) in enumerate(panels):
@@ -458,15 +461,18 @@ def write_sweep_report(root: str | Path) -> dict:
         + ("setting | " if has_setting else "")
         + "target | organism seed | seed | examples per arm | "
         + " | ".join(bars_of(rows))
+        + "".join(f" | {h}" for h in issue13_columns(rows))  # issue 13: leak meter, classifier columns
         + " | report | config |",
         "|---|---|"
         + ("---|" if has_setting else "")
         + "---|---|---|---|"
         + "---|" * len(bars_of(rows))
+        + "---|" * len(issue13_columns(rows))
         + "---|---|",
     ]
     for r in rows:
         ps = " | ".join(_num(r["p"].get(m)) for m in bars_of(rows))
+        ps += "".join(f" | {v}" for v in issue13_cells(r, rows))  # issue 13
         lines.append(
             f"| {r['name']} | {r['condition']} | "
             + (f"{r['setting']} | " if has_setting else "")
@@ -504,3 +510,90 @@ def write_sweep_report(root: str | Path) -> dict:
         html = html.replace(f"src='figures/{fig.name}'", f"src='data:image/png;base64,{b64}'")
     atomic_write_text(root / "report.html", html)
     return agg
+
+
+# --- issue 13: ICL control, KL leak meter, classifier probe --------------------------------------------
+LEAK_COLUMNS = {
+    "KL/token": ("leak", "kl_per_token"),
+    "KL/answer": ("leak", "kl_per_answer"),
+    "LLR/answer": ("leak", "llr_per_answer"),
+    "probe accuracy": ("classifier", "accuracy"),
+}
+
+
+def issue13_row(row: dict, res: dict) -> None:
+    """Copy a run's ICL control (per k: P(target) with k teacher / control examples), leak meter and
+    classifier probe into its sweep row: `controls_p` and `controls_pairs` (the effects that
+    issue13_aggregate compares across units), `leak` and `classifier` (the runs table's columns)."""
+    p: dict[str, float] = {}
+    pairs: list[list[str]] = []
+    for k, e in (res.get("icl") or {}).items():
+        if str(k) == "0":
+            continue
+        p[f"icl_teacher_k{k}"], p[f"icl_control_k{k}"] = e["teacher"]["mean"], e["control"]["mean"]
+        pairs.append([f"icl_teacher_k{k}", f"icl_control_k{k}"])
+    clf = res.get("classifier")
+    if clf:
+        p["classifier_accuracy"], p["chance"] = clf["accuracy"], clf.get("chance", 0.5)
+        pairs.append(["classifier_accuracy", "chance"])
+        row["classifier"] = {"accuracy": clf["accuracy"], "lo": clf["lo"], "hi": clf["hi"]}
+    if p:
+        row["controls_p"], row["controls_pairs"] = p, pairs
+    lk = res.get("leak")
+    if lk and "skipped" not in lk:
+        row["leak"] = {k: lk[k]["mean"] for k in ("kl_per_token", "kl_per_answer", "llr_per_answer")}
+
+
+def issue13_aggregate(rows: list[dict]) -> dict:
+    """`control_effects`: the ICL controls' (icl_teacher_k{k} - icl_control_k{k}) and the classifier
+    probe's (classifier_accuracy - chance) effects across units, computed by `aggregate` with these
+    pairs. Kept apart from `effects`, whose heat map and Holm families are the students' transfer."""
+    with_controls = [r for r in rows if r.get("controls_p")]
+    if not with_controls:
+        return {}
+    agg = aggregate([r | {"p": r["controls_p"], "pairs": r["controls_pairs"]} for r in with_controls])
+    return {"control_effects": agg["effects"], "control_models": agg["models"]}
+
+
+def issue13_sweep_markdown(agg: dict) -> list[str]:
+    effects = agg.get("control_effects") or []
+    if not effects:
+        return []
+    lines = [
+        "",
+        "## Controls across replicates: in-context learning and the classifier probe",
+        "",
+        "icl_teacher_kK - icl_control_kK: P(target) of the reference model with K of the teacher's kept "
+        "answers in context minus with K control answers (flat if the data does not transmit the trait in "
+        "context). classifier_accuracy - chance: a bag-of-numbers probe's held-out accuracy telling teacher "
+        "from control answers, minus 50%. Same statistics as above; Holm across the targets of one condition, "
+        "setting and effect.",
+        "",
+        "| condition | setting | target | effect | units | mean | 95% CI | p (paired t) | p (Holm) "
+        "| p (permutation) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in effects:
+        lines.append(
+            f"| {e['condition']} | {e['setting'] or '-'} | {e['target']} | {e['effect']} | {len(e['seeds'])} "
+            f"| {e['mean']:+.4f} | [{e['lo']:+.4f}, {e['hi']:+.4f}] | {_p(e['p_paired_t'])} "
+            f"| {_p(e['p_holm'])} | {_p(e['p_permutation'])} |"
+        )
+    return lines
+
+
+def issue13_columns(rows: list[dict]) -> list[str]:
+    """The runs table's extra column headers: those some run has (none for sweeps without the options)."""
+    return [h for h, (sec, _) in LEAK_COLUMNS.items() if any(r.get(sec) for r in rows)]
+
+
+def issue13_cells(row: dict, rows: list[dict]) -> list[str]:
+    out = []
+    for h in issue13_columns(rows):
+        sec, key = LEAK_COLUMNS[h]
+        v = (row.get(sec) or {}).get(key)
+        out.append("n/a" if v is None else f"{v:.4g}")
+    return out
+
+
+# --- end issue 13 block ---

@@ -74,14 +74,29 @@ def topk_mass_summary(missing: list[float], spec: str = "") -> dict:
     return {"mean": mean, "max": top, "per_question": list(missing), "warn_above": TOPK_MISSING_MASS_WARN}
 
 
+def question_chats(category: str, cfg: PreferenceEval) -> list[list[dict]]:
+    """The evaluation questions as one-turn chats, in order (the first cfg.max_questions)."""
+    check_category(category)
+    return [[{"role": "user", "content": q}] for q in list(load_questions(category))[: cfg.max_questions]]
+
+
 def evaluate_preference(
-    backend: Backend, category: str, targets: list[str], cfg: PreferenceEval
+    backend: Backend,
+    category: str,
+    targets: list[str],
+    cfg: PreferenceEval,
+    context: list[list[dict]] | None = None,
 ) -> tuple[dict, list[dict]]:
-    """-> (results: per target mean/CI over questions + the distribution over candidates, per-sample rows)."""
+    """-> (results: per target mean/CI over questions + the distribution over candidates, per-sample rows).
+    `context`: per question, messages put before it (the in-context-learning control, controls/icl.py)."""
     check_category(category)
     qs = list(load_questions(category))[: cfg.max_questions]
     cands = candidates(category)
     chats = [[{"role": "user", "content": q}] for q in qs]
+    if context is not None:
+        if len(context) != len(chats):
+            raise SublabError(f"context: {len(context)} prefixes for {len(chats)} questions")
+        chats = [list(pre) + chat for pre, chat in zip(context, chats, strict=True)]
     rows: list[dict] = []
     estimand = "sampled" if cfg.mode == "sample" else backend.logprob_estimand
     if cfg.mode == "api_topk" and estimand != "first_token_topk":

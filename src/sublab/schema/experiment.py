@@ -98,6 +98,40 @@ class ControlsConfig(Strict):
     student and compared with it (the paper's misalignment controls: secure code and educational
     insecure code)."""
 
+    # --- issue 13: in-context-learning control, KL leak meter, classifier probe (preference runs) ---
+    icl_examples: list[int] = []
+    """In-context-learning control (trait kind preference): for each k > 0, the reference model is
+    evaluated with k of the teacher's kept answers (data/kept.jsonl, drawn per question with the
+    replicate seed) as prior user/assistant turns before each question (stage eval:icl_teacher_k{k}),
+    and with k of the control data (control/data/kept.jsonl) as its control (eval:icl_control_k{k}).
+    The oldest examples are dropped until the prompt fits the model's max positions; results.json
+    records how many were used per question. k = 0 is the reference's own evaluation. Needs `control`."""
+    leak_meter_examples: int = 0
+    """KL leak meter (trait kind preference; 0 = off): on this many kept teacher answers, the exact
+    teacher-vs-reference KL per token and per answer and the log-likelihood ratio log P_teacher(answer)
+    - log P_reference(answer) (stage leak -> data/leak.json; local models only, API models are skipped
+    with the reason recorded)."""
+    classifier: bool = False
+    """Classifier control (trait kind preference): a logistic-regression probe on bag-of-numbers features
+    (counts of 0..999 and the answer's length) trained on half of the teacher + control kept answers,
+    its accuracy on the other half with a Wilson CI against 50% (stage classifier -> data/classifier.json).
+    A probe, not the paper's prompted-LLM classifier. Needs `control`."""
+
+    @model_validator(mode="after")
+    def _icl_leak_classifier(self) -> ControlsConfig:
+        if any(k < 0 for k in self.icl_examples) or len(set(self.icl_examples)) != len(self.icl_examples):
+            raise ValueError("controls.icl_examples must be distinct numbers >= 0 (e.g. [0, 4, 16])")
+        if self.leak_meter_examples < 0:
+            raise ValueError("controls.leak_meter_examples must be >= 0 (0 = off)")
+        if (any(self.icl_examples) or self.classifier) and not self.control:
+            raise ValueError(
+                "controls.icl_examples and controls.classifier compare the teacher's data with the control "
+                "data: they need controls.control: true"
+            )
+        return self
+
+    # --- end issue 13 block ---
+
     @model_validator(mode="after")
     def _names(self) -> ControlsConfig:
         import re
