@@ -391,7 +391,7 @@ def issue13_markdown(res: dict) -> list[str]:
             "| examples used (teacher / control) |",
             "|---|---|---|---|---|---|",
         ]
-        for k, e in res["icl"].items():
+        for k, e in sorted(res["icl"].items(), key=lambda kv: int(kv[0])):  # JSON sorts keys as text
             a, b, d, u = e["teacher"], e["control"], e["difference"], e["mean_examples_used"]
             used = " / ".join("n/a" if x is None else f"{x:.1f}" for x in (u["teacher"], u["control"]))
             lines.append(

@@ -551,7 +551,11 @@ def issue13_aggregate(rows: list[dict]) -> dict:
     with_controls = [r for r in rows if r.get("controls_p")]
     if not with_controls:
         return {}
-    agg = aggregate([r | {"p": r["controls_p"], "pairs": r["controls_pairs"]} for r in with_controls])
+    import warnings
+
+    with warnings.catch_warnings():  # chance is a constant: scipy warns about its zero variance
+        warnings.simplefilter("ignore", RuntimeWarning)
+        agg = aggregate([r | {"p": r["controls_p"], "pairs": r["controls_pairs"]} for r in with_controls])
     return {"control_effects": agg["effects"], "control_models": agg["models"]}
 
 
