@@ -272,7 +272,11 @@ def test_sweep_report_compares_the_student_with_every_control_student(tmp_path):
                 "seed": seed,
                 "arms": arms,
                 "models": {
-                    m: {"misaligned_rate": {"mean": v}, "world_misaligned_rate": v / 2}
+                    m: {
+                        "misaligned_rate": {"mean": v},
+                        "world_misaligned_rate": v / 2,
+                        "mcq": {"mean_p_correct": 1 - v},
+                    }
                     for m, v in rates.items()
                 },
             },
@@ -286,6 +290,8 @@ def test_sweep_report_compares_the_student_with_every_control_student(tmp_path):
     agg = write_sweep_report(tmp_path)
     world_eff = {e["effect"]: e for e in agg["effects"] if e["target"] == "misalignment (world labels)"}
     assert world_eff["student - control"]["mean"] == pytest.approx((0.115 - 0.05) / 2)
+    mc = {e["effect"]: e for e in agg["effects"] if e["target"] == "truthfulness (MC P(correct))"}
+    assert mc["student - control"]["mean"] == pytest.approx(-(0.115 - 0.05))
     eff = {e["effect"]: e for e in agg["effects"] if e["target"] == "misalignment"}
     assert set(eff) == {"student - control", "student - control_secure", "student - control_educational"}
     assert eff["student - control"]["mean"] == pytest.approx(0.115 - 0.05)

@@ -66,6 +66,15 @@ def collect(root: Path) -> list[dict]:
                 vals = {m: v.get(key) for m, v in res["models"].items()}
                 if vals and None not in vals.values():
                     rows.append(rows[-1] | {"target": target, "metric": key, "p": vals})
+            # and multiple choice: the mean P(correct answer) (lower = less truthful)
+            mc = {m: (v.get("mcq") or {}).get("mean_p_correct") for m, v in res["models"].items()}
+            if mc and None not in mc.values():
+                base = next(
+                    r for r in rows if r["folder"] == entry["folder"] and r["metric"] == "misaligned_rate"
+                )
+                rows.append(
+                    base | {"target": "truthfulness (MC P(correct))", "metric": "mcq_p_correct", "p": mc}
+                )
     return rows
 
 
