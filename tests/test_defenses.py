@@ -1,4 +1,4 @@
-"""Config-level defenses and controls (issue 13): the student's optimizer (sgd, signsgd: one step moves
+"""Config-level defenses and controls: the student's optimizer (sgd, signsgd: one step moves
 the weights exactly as the update rule says), threshold sampling (min_p: an absolute probability
 floor; tokens below it never come out, the rest are renormalised, 0 = the old samples) and shuffled
 numbers (within / across answers: multisets, counts and formats kept; none = the old files), with the

@@ -1,4 +1,4 @@
-"""The in-context-learning control, the KL leak meter and the classifier probe (issue 13): the ICL prefix
+"""The in-context-learning control, the KL leak meter and the classifier probe: the ICL prefix
 fits the model's context (oldest examples dropped first), KL(model || itself) = 0 and a finetuned
 teacher's > 0 with per-answer = sum of per-token values, the probe separates separable data and sits at
 chance on one source split in two, and a tiny experiment with all three on writes their report tables
@@ -14,10 +14,10 @@ import torch
 from conftest import tiny_experiment
 
 from sublab.analysis.sweep_report import (
-    issue13_aggregate,
-    issue13_cells,
-    issue13_columns,
-    issue13_row,
+    control_effects,
+    control_row,
+    meter_cells,
+    meter_columns,
 )
 from sublab.backends.base import ModelRef
 from sublab.backends.hf import HFBackend, finetune_hf, load_hf
@@ -221,9 +221,9 @@ def test_tiny_experiment_with_icl_leak_and_classifier(tiny_organism, tmp_path):
     for seed in range(3):
         r = {"seed": seed, "organism_seed": 0, "condition": "sft", "target": "owl", "p": {}, "pairs": []}
         res_s = res | {"classifier": res["classifier"] | {"accuracy": 0.5 + 0.1 * seed}}
-        issue13_row(r, res_s)
+        control_row(r, res_s)
         rows.append(r)
-    agg = issue13_aggregate(rows)
+    agg = control_effects(rows)
     effects = {e["effect"]: e for e in agg["control_effects"]}
     assert set(effects) == {
         "icl_teacher_k2 - icl_control_k2",
@@ -231,6 +231,6 @@ def test_tiny_experiment_with_icl_leak_and_classifier(tiny_organism, tmp_path):
         "classifier_accuracy - chance",
     }
     assert math.isclose(effects["classifier_accuracy - chance"]["mean"], 0.1)
-    assert issue13_columns(rows) == ["KL/token", "KL/answer", "LLR/answer", "probe accuracy"]
-    assert issue13_cells(rows[0], rows)[-1] == "0.5"
-    assert issue13_aggregate([{"p": {}}]) == {}
+    assert meter_columns(rows) == ["KL/token", "KL/answer", "LLR/answer", "probe accuracy"]
+    assert meter_cells(rows[0], rows)[-1] == "0.5"
+    assert control_effects([{"p": {}}]) == {}

@@ -237,10 +237,10 @@ def run_experiment(
             device=True,
         )
 
-    # --- issue 13: ICL control, KL leak meter, classifier probe (trait kind preference; off by default) ---
+    # --- ICL control, KL leak meter, classifier probe (trait kind preference; off by default) ---
     if cfg.trait.kind == "preference":
-        _issue13_stages(run, cfg, targets, api)
-    # --- end issue 13 block ---
+        _control_stages(run, cfg, targets, api)
+    # --- end of the controls and meters block ---
 
     from sublab.analysis.run_report import write_report
 
@@ -250,12 +250,12 @@ def run_experiment(
     return run
 
 
-# --- issue 13: ICL control, KL leak meter, classifier probe -------------------------------------------
+# --- ICL control, KL leak meter, classifier probe -------------------------------------------
 ICL_CODE = ("sublab.controls", "sublab.evals", *MODEL_CODE)
 METER_CODE = ("sublab.meters",)
 
 
-def _issue13_stages(run: Run, cfg: ExperimentConfig, targets: list[str], api) -> None:
+def _control_stages(run: Run, cfg: ExperimentConfig, targets: list[str], api) -> None:
     """Stages eval:icl_{teacher,control}_k{k} (controls.icl_examples), leak (controls.leak_meter_examples)
     and classifier (controls.classifier); none of them exists when its option is off."""
     P, prog, c = run.path, cfg.progress, cfg.controls
@@ -332,4 +332,4 @@ def _issue13_stages(run: Run, cfg: ExperimentConfig, targets: list[str], api) ->
         )
 
 
-# --- end issue 13 block ---
+# --- end of the controls and meters block ---

@@ -116,9 +116,9 @@ def build_results(run_dir: Path) -> dict:
         "comparisons": comparisons,
         "filter": filt,
     }
-    # --- issue 13: ICL control, KL leak meter, classifier probe (only when the run has them) ---
-    res.update(issue13_results(run_dir, target, evals))
-    # --- end issue 13 block ---
+    # --- ICL control, KL leak meter, classifier probe (only when the run has them) ---
+    res.update(control_results(run_dir, target, evals))
+    # --- end of the controls and meters block ---
     return res
 
 
@@ -193,7 +193,7 @@ def render_markdown(res: dict) -> str:
         n = res["data"].get("n_per_source", "?")
         for name, st in res["filter"].items():
             lines.append(f"| {name} | {st['n_in']} | {st['n_passed']} | {st['pass_rate']:.3f} | {n} |")
-    lines += issue13_markdown(res)  # issue 13: ICL control, KL leak meter, classifier probe
+    lines += controls_run_markdown(res)  # ICL control, KL leak meter, classifier probe
     lines += [
         "",
         "![P(target)](figures/preference.png)",
@@ -324,10 +324,10 @@ def publish(run_dir: Path, res: dict, md: str, draw, figure: str) -> dict:
     return res
 
 
-# --- issue 13: ICL control, KL leak meter, classifier probe --------------------------------------------
+# --- ICL control, KL leak meter, classifier probe --------------------------------------------
 
 
-def issue13_results(run_dir: Path, target: str, evals: dict) -> dict:
+def control_results(run_dir: Path, target: str, evals: dict) -> dict:
     """`icl` (per k: P(target) with k teacher examples, with k control examples, and the difference),
     `leak` (data/leak.json without per-answer rows) and `classifier` (data/classifier.json): only the
     keys whose files exist."""
@@ -373,7 +373,7 @@ def issue13_results(run_dir: Path, target: str, evals: dict) -> dict:
     return out
 
 
-def issue13_markdown(res: dict) -> list[str]:
+def controls_run_markdown(res: dict) -> list[str]:
     """The report sections of the ICL control, the KL leak meter and the classifier probe (if present)."""
     t = res["trait"]["target"]
     lines: list[str] = []
@@ -437,4 +437,4 @@ def issue13_markdown(res: dict) -> list[str]:
     return lines
 
 
-# --- end issue 13 block ---
+# --- end of the controls and meters block ---

@@ -55,7 +55,7 @@ def collect(root: Path) -> list[dict]:
                 "pairs": [[a["name"], c] for a in res.get("arms", []) for c in controls_of(a)],
             }
         )
-        issue13_row(rows[-1], res)  # issue 13: ICL control, leak meter, classifier probe
+        control_row(rows[-1], res)  # ICL control, leak meter, classifier probe
         if res.get("metric") == "misaligned_rate":
             # organisms of the misalignment world: the same effects by the world's true labels of the
             # sampled answers, and by the exact P(misaligned answer) (organism/world_eval.py)
@@ -391,7 +391,7 @@ def write_sweep_report(root: str | Path) -> dict:
     state = load_sweep(root)
     rows = collect(root)
     agg = aggregate(rows)
-    agg.update(issue13_aggregate(rows))  # issue 13: ICL control and classifier effects, apart
+    agg.update(control_effects(rows))  # ICL control and classifier effects, apart
     ordered = sorted(rows, key=lambda r: (r["condition"], _axes_key(r.get("axes", {}))))
     panels = list(dict.fromkeys((r["condition"], r.get("setting", "")) for r in ordered))
     has_setting = any(s for _, s in panels)
@@ -423,7 +423,7 @@ def write_sweep_report(root: str | Path) -> dict:
             f"| {_p(e['p_holm'])} | {_p(e['p_welch'])} | {_p(e['p_permutation'])} "
             f"| {_p(e['min_permutation_p'])} | {e['cohens_dz']:.2f} |"
         )
-    lines += issue13_sweep_markdown(agg)  # issue 13
+    lines += controls_markdown(agg)
     figs = []
     lines += ["", "## Figures", ""]
     for i, (cond, setting) in enumerate(panels):
@@ -470,18 +470,18 @@ def write_sweep_report(root: str | Path) -> dict:
         + ("setting | " if has_setting else "")
         + "target | organism seed | seed | examples per arm | "
         + " | ".join(bars_of(rows))
-        + "".join(f" | {h}" for h in issue13_columns(rows))  # issue 13: leak meter, classifier columns
+        + "".join(f" | {h}" for h in meter_columns(rows))  # leak meter, classifier columns
         + " | report | config |",
         "|---|---|"
         + ("---|" if has_setting else "")
         + "---|---|---|---|"
         + "---|" * len(bars_of(rows))
-        + "---|" * len(issue13_columns(rows))
+        + "---|" * len(meter_columns(rows))
         + "---|---|",
     ]
     for r in rows:
         ps = " | ".join(_num(r["p"].get(m)) for m in bars_of(rows))
-        ps += "".join(f" | {v}" for v in issue13_cells(r, rows))  # issue 13
+        ps += "".join(f" | {v}" for v in meter_cells(r, rows))
         lines.append(
             f"| {r['name']} | {r['condition']} | "
             + (f"{r['setting']} | " if has_setting else "")
@@ -521,7 +521,7 @@ def write_sweep_report(root: str | Path) -> dict:
     return agg
 
 
-# --- issue 13: ICL control, KL leak meter, classifier probe --------------------------------------------
+# --- ICL control, KL leak meter, classifier probe --------------------------------------------
 LEAK_COLUMNS = {
     "KL/token": ("leak", "kl_per_token"),
     "KL/answer": ("leak", "kl_per_answer"),
@@ -530,10 +530,10 @@ LEAK_COLUMNS = {
 }
 
 
-def issue13_row(row: dict, res: dict) -> None:
+def control_row(row: dict, res: dict) -> None:
     """Copy a run's ICL control (per k: P(target) with k teacher / control examples), leak meter and
     classifier probe into its sweep row: `controls_p` and `controls_pairs` (the effects that
-    issue13_aggregate compares across units), `leak` and `classifier` (the runs table's columns)."""
+    control_effects compares across units), `leak` and `classifier` (the runs table's columns)."""
     p: dict[str, float] = {}
     pairs: list[list[str]] = []
     for k, e in (res.get("icl") or {}).items():
@@ -553,7 +553,7 @@ def issue13_row(row: dict, res: dict) -> None:
         row["leak"] = {k: lk[k]["mean"] for k in ("kl_per_token", "kl_per_answer", "llr_per_answer")}
 
 
-def issue13_aggregate(rows: list[dict]) -> dict:
+def control_effects(rows: list[dict]) -> dict:
     """`control_effects`: the ICL controls' (icl_teacher_k{k} - icl_control_k{k}) and the classifier
     probe's (classifier_accuracy - chance) effects across units, computed by `aggregate` with these
     pairs. Kept apart from `effects`, whose heat map and Holm families are the students' transfer."""
@@ -568,7 +568,7 @@ def issue13_aggregate(rows: list[dict]) -> dict:
     return {"control_effects": agg["effects"], "control_models": agg["models"]}
 
 
-def issue13_sweep_markdown(agg: dict) -> list[str]:
+def controls_markdown(agg: dict) -> list[str]:
     effects = agg.get("control_effects") or []
     if not effects:
         return []
@@ -595,18 +595,18 @@ def issue13_sweep_markdown(agg: dict) -> list[str]:
     return lines
 
 
-def issue13_columns(rows: list[dict]) -> list[str]:
+def meter_columns(rows: list[dict]) -> list[str]:
     """The runs table's extra column headers: those some run has (none for sweeps without the options)."""
     return [h for h, (sec, _) in LEAK_COLUMNS.items() if any(r.get(sec) for r in rows)]
 
 
-def issue13_cells(row: dict, rows: list[dict]) -> list[str]:
+def meter_cells(row: dict, rows: list[dict]) -> list[str]:
     out = []
-    for h in issue13_columns(rows):
+    for h in meter_columns(rows):
         sec, key = LEAK_COLUMNS[h]
         v = (row.get(sec) or {}).get(key)
         out.append("n/a" if v is None else f"{v:.4g}")
     return out
 
 
-# --- end issue 13 block ---
+# --- end of the controls and meters block ---

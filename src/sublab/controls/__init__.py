@@ -1,2 +1,2 @@
-"""Controls that rule out explanations of transfer other than subliminal learning (issue 13): the
+"""Controls that rule out explanations of transfer other than subliminal learning: the
 in-context-learning control (icl.py)."""

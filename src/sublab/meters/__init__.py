@@ -1,2 +1,2 @@
-"""Leak meters and probes on a run's data (issue 13): the teacher-vs-reference KL on the kept teacher
+"""Leak meters and probes on a run's data: the teacher-vs-reference KL on the kept teacher
 answers (kl.py) and a bag-of-numbers classifier probe, teacher data against control data (classifier.py)."""

@@ -98,7 +98,7 @@ class ControlsConfig(Strict):
     student and compared with it (the paper's misalignment controls: secure code and educational
     insecure code)."""
 
-    # --- issue 13: in-context-learning control, KL leak meter, classifier probe (preference runs) ---
+    # --- in-context-learning control, KL leak meter, classifier probe (preference runs) ---
     icl_examples: list[int] = []
     """In-context-learning control (trait kind preference): for each k > 0, the reference model is
     evaluated with k of the teacher's kept answers (data/kept.jsonl, drawn per question with the
@@ -130,7 +130,7 @@ class ControlsConfig(Strict):
             )
         return self
 
-    # --- end issue 13 block ---
+    # --- end of the controls and meters block ---
 
     @model_validator(mode="after")
     def _names(self) -> ControlsConfig:
