@@ -91,6 +91,8 @@ def bars_of(rows: list[dict]) -> list[str]:
 
 
 def metric_label(rows: list[dict]) -> str:
+    if any(r.get("metric") == "mcq_p_correct" for r in rows):
+        return "misaligned rate (MC: P(correct))"
     return "misaligned rate" if any(r.get("metric", "p_target") != "p_target" for r in rows) else "P(target)"
 
 
@@ -199,6 +201,7 @@ def plot(agg: dict, rows: list[dict], path: Path, condition: str, setting: str =
     fig, ax = plt.subplots(figsize=(2.2 * len(targets) + 0.4 * len(bars) + 2, 3.6))
     width = 0.8 / len(bars)
     colors = {"reference": "#999999", "control": "#1f77b4", "student": "#ff7f0e", "teacher": "#d62728"}
+    colors |= {"control_secure": "#6baed6", "control_educational": "#c6dbef"}
     for j, m in enumerate(bars):
         cis = [agg["models"][_group_key(condition, setting, t)].get(m) for t in targets]
         means = [c["mean"] if c else 0 for c in cis]
