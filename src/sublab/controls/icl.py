@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sublab.backends.base import Backend, ModelRef
 from sublab.errors import SublabError
-from sublab.records import atomic_write_json, read_jsonl, write_jsonl
+from sublab.records import read_jsonl
 from sublab.schema.evaluation import PreferenceEval
 
 ICL_VERSION = 1  # part of the ICL stages' keys: bump when results.json gains or changes fields
@@ -146,6 +146,7 @@ def evaluate_icl(
     preference results plus `icl`: k, source, examples used per question) and samples.jsonl."""
     from sublab.backends.registry import load_backend
     from sublab.evals.preference import evaluate_preference
+    from sublab.stages.evaluate import save_preference
 
     if k < 1:
         raise SublabError(f"ICL control: k must be >= 1 (k = 0 is the model's own evaluation), got {k}")
@@ -156,13 +157,10 @@ def evaluate_icl(
     backend = load_backend(ref, progress, api=api)
     contexts, info = icl_contexts(backend, records, k, seed, category, cfg)
     results, rows = evaluate_preference(backend, category, targets, cfg, context=contexts)
-    results["model"] = {"spec": ref.spec, "kind": ref.kind, "system_prompt": ref.system_prompt}
     results["icl"] = {"source": source, "data": str(kept_jsonl.name), "version": ICL_VERSION, **info}
     for row, qi in zip(rows, _question_index(rows), strict=True):
         row["icl_examples_used"] = info["examples_used_per_question"][qi]
-    write_jsonl(out_dir / "samples.jsonl", rows)
-    atomic_write_json(out_dir / "results.json", results)
-    return results
+    return save_preference(ref, results, rows, out_dir)
 
 
 def _question_index(rows: list[dict]) -> list[int]:

@@ -27,6 +27,11 @@ def evaluate_model(
 ) -> dict:
     ref = ModelRef.load(model_json)
     results, rows = evaluate_preference(load_backend(ref, progress, api=api), category, targets, cfg)
+    return save_preference(ref, results, rows, out_dir)
+
+
+def save_preference(ref: ModelRef, results: dict, rows: list[dict], out_dir: Path) -> dict:
+    """Write a preference evaluation: samples.jsonl, then results.json (with the model) last."""
     results["model"] = {"spec": ref.spec, "kind": ref.kind, "system_prompt": ref.system_prompt}
     write_jsonl(out_dir / "samples.jsonl", rows)
     atomic_write_json(out_dir / "results.json", results)
