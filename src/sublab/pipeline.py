@@ -215,7 +215,13 @@ def run_experiment(
                 lambda n=name: evaluate_misalignment(
                     P(f"{n}/model.json"), cfg.freeform, cfg.mcq, world, P(f"eval/{n}"), prog, api=api
                 ),
-                code=CODE["eval"] + ("sublab.judge", "sublab.organism.world"),
+                code=CODE["eval"]
+                + (
+                    "sublab.judge",
+                    "sublab.organism.world",
+                    "sublab.organism.world_eval",
+                    "sublab.organism.agreement",
+                ),
                 device=True,
             )
     targets = [cfg.trait.target] + [t for t in (extra_targets or []) if t != cfg.trait.target]
