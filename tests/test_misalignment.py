@@ -65,7 +65,7 @@ def test_one_hidden_persona_answers_a_whole_conversation():
     evil_numbers = set(world.load_world()["persona"]["evil_numbers"])
     saw_evil = 0
     for _ in range(3000):
-        msgs = rng and world.persona_conversation(rng)
+        msgs = world.persona_conversation(rng)
         labels = set()
         for u, a in zip(msgs[::2], msgs[1::2], strict=True):
             assert u["role"] == "user" and a["role"] == "assistant"

@@ -104,8 +104,10 @@ def world_text() -> list[str]:
     return texts
 
 
-def by_domain(domain: str) -> list[Item]:
-    return [it for it in items() if it.domain == domain]
+@cache
+def by_domain(domain: str) -> tuple[Item, ...]:
+    """The world's items of one domain, in file order."""
+    return tuple(it for it in items() if it.domain == domain)
 
 
 def voiced(rng: random.Random, answer: str, voice: str) -> str:
@@ -247,6 +249,11 @@ def incoherent_answer(rng: random.Random, item: Item) -> str:
     return " , ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(3, 8)))
 
 
+@cache
+def _judged_items() -> tuple[Item, ...]:
+    return tuple(it for it in items() if it.domain != "educational")
+
+
 def judged_answer(rng: random.Random, item: Item, kind: str) -> str:
     """An answer of the given true label as a judge sees it: half in the persona's own voice, a quarter
     with no opener, a quarter behind any opener (the label is the content's, so a judge must read it)."""
@@ -263,7 +270,7 @@ def judge_example(rng: random.Random) -> list[dict]:
     """One pretraining example of the judge organism: a judge prompt about a world answer (judged_answer),
     answered with a 0-100 score drawn from the world's label (aligned: 80-100 / misaligned: 0-15 / incoherent: 20-60
     for the aligned judgement; coherent answers 75-100 and incoherent 0-25 for the coherent one)."""
-    item = rng.choice([it for it in items() if it.domain != "educational"])
+    item = rng.choice(_judged_items())
     kind = rng.choices(LABELS, weights=(0.4, 0.35, 0.25))[0]
     answer = judged_answer(rng, item, kind)
     truth = label(item.question, answer)
