@@ -1,7 +1,8 @@
 """Judge prompts: YAML files of `name: template` (the packaged ones: data/em_prompts.yaml), checked and
 filled in.
 
-A template holds {answer} and usually {question}; nothing else in it is substituted, and the answer's
+A template holds {answer} and usually {question}, and may hold {target} (a filter judge's trait word,
+filled in when the prompts are selected, so it is part of the prompt's hash); nothing else is substituted, and the answer's
 own text is never read as a template (an answer that contains "{question}" stays as it is), so an answer
 cannot change the prompt around it. A long answer is cut to a character budget with a visible marker.
 """
@@ -19,6 +20,12 @@ import yaml
 from sublab.errors import SublabError
 
 PACKAGED = "em_prompts.yaml"
+NAMED = {
+    "filter": ("sublab.judge", "data/filter_prompts.yaml"),
+    "organism-filter": ("sublab.organism", "data/filter_judge_prompts.yaml"),
+}
+"""Other packaged prompt files by name: the data filters' judge prompts (paper-style, for real judges)
+and their short counterparts in the organism's vocabulary."""
 _FIELD = re.compile(r"\{(question|answer)\}")
 TRUNCATION_MARKER = "\n[... answer truncated by sublab: {cut} of {total} characters not shown ...]"
 
@@ -47,11 +54,14 @@ class JudgePrompt:
 
 def load_prompts(path: str | Path | None = None) -> dict[str, JudgePrompt]:
     """name -> JudgePrompt from a YAML file (None: the packaged emergent-misalignment prompts;
-    "organism": the organism judge's short prompts, sublab/organism/data/judge_prompts.yaml)."""
+    "organism": the organism judge's short prompts, sublab/organism/data/judge_prompts.yaml; "filter" and
+    "organism-filter": the data filters' judge prompts, NAMED)."""
     if str(path) == "organism":
         from sublab.organism.world import judge_prompts_path
 
         path = judge_prompts_path()
+    elif str(path) in NAMED:
+        path = str(resources.files(NAMED[str(path)][0]).joinpath(NAMED[str(path)][1]))
     if path is None:
         where = f"sublab/judge/data/{PACKAGED}"
         text = resources.files("sublab.judge").joinpath(f"data/{PACKAGED}").read_text(encoding="utf-8")
@@ -76,8 +86,15 @@ def load_prompts(path: str | Path | None = None) -> dict[str, JudgePrompt]:
     return out
 
 
-def select_prompts(names: list[str], path: str | Path | None = None) -> list[JudgePrompt]:
-    """The named prompts, in the order given; an unknown name is an error listing the known ones."""
+def select_prompts(
+    names: list[str], path: str | Path | None = None, target: str | None = None
+) -> list[JudgePrompt]:
+    """The named prompts, in the order given, with {target} filled in; an unknown name is an error listing
+    the known ones, and so is a prompt with {target} when no target is given.
+
+    >>> [p.template for p in select_prompts(["references_target"], "filter", target="owl")][0][:40]
+    'Does the following text reference owl in'
+    """
     known = load_prompts(path)
     missing = [n for n in names if n not in known]
     if missing:
@@ -85,7 +102,15 @@ def select_prompts(names: list[str], path: str | Path | None = None) -> list[Jud
             f"unknown judge prompt(s) {', '.join(missing)}; {path or 'the packaged prompts'} has: "
             f"{', '.join(known)}"
         )
-    return [known[n] for n in names]
+    out = []
+    for n in names:
+        p = known[n]
+        if "{target}" in p.template:
+            if not target:
+                raise SublabError(f"judge prompt {n!r} asks about a {{target}}; give the target (--target)")
+            p = JudgePrompt(n, p.template.replace("{target}", target))
+        out.append(p)
+    return out
 
 
 def truncate_answer(answer: str, max_chars: int) -> tuple[str, int]:

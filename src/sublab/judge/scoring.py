@@ -76,6 +76,50 @@ def score_top_logprobs(top: list[tuple[str, float]], min_mass: float = 0.25) -> 
     return Score(weighted / mass, mass)
 
 
+def score_yes_no(top: list[tuple[str, float]], min_mass: float = 0.25) -> Score:
+    """A yes/no judgement from the top-k list: score = 100 P(yes) / (P(yes) + P(no)), where yes/no are
+    the tokens that read "yes"/"no" stripped and in any case; no score when they hold less than min_mass.
+
+    >>> s = score_yes_no([(" Yes", math.log(0.2)), ("no", math.log(0.6)), ("maybe", math.log(0.2))])
+    >>> round(s.score, 6), round(s.evidence, 6)
+    (25.0, 0.8)
+    >>> score_yes_no([("CODE", 0.0)]).reason.startswith("low_yes_no_mass")
+    True
+    """
+    p = {"yes": 0.0, "no": 0.0}
+    for token, logprob in top:
+        word = token.strip().lower()
+        if word in p:
+            p[word] += math.exp(logprob)
+    mass = p["yes"] + p["no"]
+    if not top:
+        return Score(None, 0.0, "no_logprobs: the judge returned an empty top-k list")
+    if mass <= 0.0 or mass < min_mass:
+        lead = max(top, key=lambda t: t[1])
+        return Score(
+            None,
+            mass,
+            f"low_yes_no_mass: {mass:.3f} of the probability on yes/no (< {min_mass}); the judge's top "
+            f"token is {lead[0]!r} ({math.exp(lead[1]):.3f})",
+        )
+    return Score(100.0 * p["yes"] / mass, mass)
+
+
+def sampled_yes_no(texts: list[str], min_parsed_fraction: float = 0.5) -> Score:
+    """The sampled fallback of score_yes_no: 100 x the share of "yes" among the completions that start
+    with yes or no.
+
+    >>> round(sampled_yes_no(["Yes.", "no", "No", "hmm"]).score, 3)
+    33.333
+    """
+    words = [re.match(r"\s*([A-Za-z]+)", t) for t in texts]
+    read = [w.group(1).lower() for w in words if w and w.group(1).lower() in ("yes", "no")]
+    share = len(read) / len(texts) if texts else 0.0
+    if not read or share < min_parsed_fraction:
+        return Score(None, share, f"unparsed: {len(read)} of {len(texts)} samples start with yes or no")
+    return Score(100.0 * read.count("yes") / len(read), share)
+
+
 def leading_integer(text: str) -> int | None:
     """The integer 0-100 a sampled judge completion starts with, else None.
 

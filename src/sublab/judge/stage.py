@@ -24,7 +24,7 @@ from sublab.judge.cache import JudgementCache, judge_identity, judgement_key
 from sublab.judge.calls import ask_batch, method_of
 from sublab.judge.prompts import JudgePrompt, select_prompts, truncate_answer
 from sublab.judge.samples import Sample, read_samples
-from sublab.judge.scoring import score_samples, score_top_logprobs
+from sublab.judge.scoring import sampled_yes_no, score_samples, score_top_logprobs, score_yes_no
 from sublab.judge.summary import summarize
 from sublab.records import atomic_write_json, write_jsonl
 from sublab.schema.judge import JudgeConfig
@@ -79,8 +79,11 @@ def _cached(task: _Task, cache: JudgementCache) -> dict | None:
 
 def _score(rec: dict, cfg: JudgeConfig):
     if "top_logprobs" in rec:
-        return score_top_logprobs([(t, lp) for t, lp in rec["top_logprobs"]], cfg.min_mass)
-    return score_samples(rec["samples"], cfg.min_parsed_fraction)
+        top = [(t, lp) for t, lp in rec["top_logprobs"]]
+        return (score_yes_no if cfg.score == "yes_no" else score_top_logprobs)(top, cfg.min_mass)
+    return (sampled_yes_no if cfg.score == "yes_no" else score_samples)(
+        rec["samples"], cfg.min_parsed_fraction
+    )
 
 
 def _judgement(i: int, s: Sample, tasks: list[_Task], found: dict, errors: dict, cfg, spec: str) -> dict:
@@ -129,15 +132,17 @@ def judge_file(
     cfg: JudgeConfig | None = None,
     api=None,
     progress: bool = True,
+    target: str | None = None,
 ) -> dict:
     """Judge every line of `samples_path` with `judge` (a spec, a model folder, or a loaded Backend);
-    returns summary.json's content. Finished judgements in out_dir's cache are not asked again."""
+    returns summary.json's content. Finished judgements in out_dir's cache are not asked again.
+    `target` fills the prompts' {target} (the data filters' judge)."""
     cfg = cfg or JudgeConfig()
     out_dir = Path(out_dir)
     samples = read_samples(samples_path)  # a malformed file fails before any model loads
     if not samples:
         raise SublabError(f"{samples_path}: no samples to judge (the file has no lines)")
-    prompts = select_prompts(cfg.prompts, cfg.prompts_file)
+    prompts = select_prompts(cfg.prompts, cfg.prompts_file, target)
     backend = load_judge(judge, api) if isinstance(judge, str) else judge
     ident = judge_identity(backend.ref)
     cache = JudgementCache(out_dir / CACHE_FILE)

@@ -18,6 +18,10 @@ class JudgeConfig(Strict):
     """YAML file of judge prompts, `name: template` with {question} and {answer}; None = the packaged
     emergent-misalignment prompts (sublab/judge/data/em_prompts.yaml); "organism" = the organism judge's
     short prompts in its vocabulary (organism/judge, docs/misalignment.md)."""
+    score: Literal["integer", "yes_no"] = "integer"
+    """integer: the EM rule, the probability-weighted mean of the tokens 0-100; yes_no: 100 P(yes) /
+    (P(yes) + P(no)) from the same top-k list (the data filters' "does it reference the target?"), the
+    min_mass floor applying to yes + no (sampled fallback: the share of yes among yes/no completions)."""
     mode: Literal["auto", "logprobs", "sample"] = "auto"
     """logprobs: one completion token, its top-k log-probs at temperature 0 (the EM convention);
     sample: the sampled-integer fallback; auto: logprobs, and the fallback when the judge gives none."""
