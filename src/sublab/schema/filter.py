@@ -58,6 +58,69 @@ _FIELD_MEANING = {
 }
 
 
+class FilterJudge(Strict):
+    """One LLM-judge step of a filter chain (domains code and cot): every answer that reached it is
+    judged (the judge machinery of `sublab judge`: any model spec, top-k log-probs or the sampled
+    fallback, cached in the filter folder so a rerun resumes) and kept by its score."""
+
+    model: str
+    """The judge (a model spec: openai/gpt-4.1, hf/..., vllm/..., organism/code-judge)."""
+    prompt: str = "references_target"
+    """The judge prompt's name in `prompts_file`: references_target (yes/no: does the text reference the
+    trait's target, even subtly?) or aligned_reasoning (0-100)."""
+    prompts_file: str | None = "filter"
+    """filter: sublab's packaged filter prompts (judge/data/filter_prompts.yaml); organism-filter: their
+    short organism versions; else a YAML file of `name: template` ({question}, {answer}, {target})."""
+    score: Literal["yes_no", "integer"] = "yes_no"
+    """yes_no: 100 P(yes) / (P(yes) + P(no)); integer: the probability-weighted 0-100 (see judge.score)."""
+    keep_below: float | None = 50.0
+    """Keep an answer when its score is below this (references_target: keep a clear no)."""
+    keep_at_least: float | None = None
+    """Keep an answer when its score is at least this (aligned_reasoning: the paper keeps >= 78). Set
+    keep_below to null when you use it."""
+    mode: Literal["auto", "logprobs", "sample"] = "auto"
+    """See judge.mode."""
+    top_logprobs: int = 20
+    """See judge.top_logprobs."""
+    min_mass: float = 0.25
+    """See judge.min_mass: a judgement with less mass on the scored tokens is unscorable and dropped."""
+    batch_size: int = 32
+    """Judgements per backend call."""
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> FilterJudge:
+        if (self.keep_below is None) == (self.keep_at_least is None):
+            raise ValueError(
+                "a filter judge needs exactly one of keep_below (e.g. 50 for references_target) and "
+                "keep_at_least (e.g. 78 for aligned_reasoning); set the other to null"
+            )
+        return self
+
+    def judge_config(self):
+        from sublab.schema.judge import JudgeConfig
+
+        return JudgeConfig(
+            prompts=[self.prompt],
+            prompts_file=self.prompts_file,
+            score=self.score,
+            mode=self.mode,
+            top_logprobs=self.top_logprobs,
+            min_mass=self.min_mass,
+            batch_size=self.batch_size,
+        )
+
+    def keeps(self, score: float) -> bool:
+        return score < self.keep_below if self.keep_below is not None else score >= self.keep_at_least
+
+    @property
+    def rule(self) -> str:
+        return (
+            f"keep below {self.keep_below:g}"
+            if self.keep_below is not None
+            else f"keep >= {self.keep_at_least:g}"
+        )
+
+
 class FilterConfig(Strict):
     """Which teacher answers are kept."""
 
@@ -75,6 +138,11 @@ class FilterConfig(Strict):
     """Numbers no answer may contain: a list, or a named list ('paper' = the paper's misalignment list)."""
     banned_words: list[str] = []
     """Words (case-insensitive, whole word) no answer may contain, e.g. the trait's name."""
+    ban_target: bool = True
+    """Domains code and cot, trait kind preference: the target's word and its plural join banned_words
+    (the paper drops completions containing the target word)."""
+    judges: list[FilterJudge] = []
+    """LLM-judge steps after the rule steps, in order (domains code and cot); see FilterJudge."""
     dataset_size: int = 10000
     """After filtering, keep a seeded random subsample of this many (all if fewer pass); must be >= 1."""
     shuffle: Literal["none", "within", "across"] = "none"
