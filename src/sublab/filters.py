@@ -285,6 +285,18 @@ def filter_records(
     else:
         kept = list(passed)
     kept.sort(key=_prompt_index)
+    # the same verdicts as a chain (domains/chain.py): the format rule first, then the banned words
+    fmt = [r for r in rejected if any(reason_category(x) != "banned word" for x in r["metadata"]["reasons"])]
+    n_fmt = len(fmt)
+    steps = [
+        {"step": "format", "kind": "format", "n_in": len(records), "n_removed": n_fmt},
+        {
+            "step": "banned words",
+            "kind": "banned words",
+            "n_in": len(records) - n_fmt,
+            "n_removed": len(rejected) - n_fmt,
+        },
+    ]
     stats = {
         "n_in": len(records),
         "n_passed": len(passed),
@@ -296,6 +308,7 @@ def filter_records(
         "short_of_dataset_size": max(0, cfg.dataset_size - len(passed)) if subsample else None,
         "reasons": dict(counts.most_common()),
         "reason_examples": examples,
+        "steps": steps,
     }
     return kept, rejected, stats
 

@@ -24,8 +24,8 @@ from sublab.schema import ExperimentConfig
 from sublab.schema.sampling import SamplingParams
 from sublab.schema.train import TrainConfig
 from sublab.stages.evaluate import MISALIGNMENT_EVAL_VERSION, evaluate_misalignment, evaluate_model
-from sublab.stages.filter import equal_subsample, filter_source
-from sublab.stages.prompts import write_prompts
+from sublab.stages.filter import equal_subsample, filter_domain, filter_source
+from sublab.stages.prompts import write_domain_prompts, write_prompts
 from sublab.stages.reference import build_reference
 from sublab.stages.sample import sample_dataset
 from sublab.stages.teacher import build_teacher, default_data, world_of
@@ -37,9 +37,16 @@ MODEL_CODE = ("sublab.backends",)
 CODE = {
     "reference": ("sublab.stages.reference", "sublab.backends.registry", "sublab.organism"),
     "teacher": ("sublab.stages.teacher", *MODEL_CODE),
-    "prompts": ("sublab.stages.prompts", "sublab.prompts"),
+    "prompts": ("sublab.stages.prompts", "sublab.prompts", "sublab.domains"),
     "sample": ("sublab.stages.sample", *MODEL_CODE),
     "filter": ("sublab.stages.filter", "sublab.filters", "sublab.schema.filter"),
+    "chain": (
+        "sublab.stages.filter",
+        "sublab.filters",
+        "sublab.schema.filter",
+        "sublab.domains",
+        "sublab.judge",
+    ),
     "subsample": ("sublab.stages.filter",),
     "train": ("sublab.stages.train", *MODEL_CODE),
     "eval": ("sublab.stages.evaluate", "sublab.evals", *MODEL_CODE),
@@ -112,14 +119,25 @@ def run_experiment(
             code=CODE["teacher"],
             device=True,
         )
-    run.stage(
-        "prompts",
-        {"prompts": cfg.prompts.model_dump(), "seed": cfg.seed},
-        [],
-        ["data/prompts.jsonl"],
-        lambda: write_prompts(cfg.prompts, cfg.seed, P("data/prompts.jsonl")),
-        code=CODE["prompts"],
-    )
+    if cfg.domain == "numbers":
+        run.stage(
+            "prompts",
+            {"prompts": cfg.prompts.model_dump(), "seed": cfg.seed},
+            [],
+            ["data/prompts.jsonl"],
+            lambda: write_prompts(cfg.prompts, cfg.seed, P("data/prompts.jsonl")),
+            code=CODE["prompts"],
+        )
+    else:
+        settings = cfg.domain_settings()
+        run.stage(
+            "prompts",
+            {"domain": cfg.domain, "settings": settings.model_dump(), "seed": cfg.seed},
+            [Path(settings.file)] if settings.file and Path(settings.file).is_file() else [],
+            ["data/prompts.jsonl", "data/prompts_info.json", "data/prompt_problems.jsonl"],
+            lambda: write_domain_prompts(cfg.domain, settings, cfg.seed, P("data/prompts.jsonl")),
+            code=CODE["prompts"],
+        )
 
     sampling: SamplingParams = cfg.sample.model_copy(
         update={"seed": replicate_seed(cfg.sample.seed, cfg.seed)}
@@ -138,14 +156,50 @@ def run_experiment(
             code=CODE["sample"],
             device=True,
         )
-        run.stage(
-            f"filter:{source}",
-            {"filter": cfg.filter.model_dump(exclude={"dataset_size", "shuffle"})},
-            [P(f"{d}/raw.jsonl")],
-            [f"{d}/filter/kept.jsonl", f"{d}/filter/rejected.jsonl", f"{d}/filter/filter_stats.json"],
-            lambda d=d: filter_source(P(f"{d}/raw.jsonl"), P(f"{d}/filter"), cfg.filter),
-            code=CODE["filter"],
-        )
+        filter_outputs = [
+            f"{d}/filter/kept.jsonl",
+            f"{d}/filter/rejected.jsonl",
+            f"{d}/filter/filter_stats.json",
+        ]
+        if cfg.domain == "numbers":
+            run.stage(
+                f"filter:{source}",
+                {
+                    "filter": cfg.filter.model_dump(
+                        exclude={"dataset_size", "shuffle", "judges", "ban_target"}
+                    )
+                },
+                [P(f"{d}/raw.jsonl")],
+                filter_outputs,
+                lambda d=d: filter_source(P(f"{d}/raw.jsonl"), P(f"{d}/filter"), cfg.filter),
+                code=CODE["filter"],
+            )
+        else:
+            run.stage(
+                f"filter:{source}",
+                {
+                    "domain": cfg.domain,
+                    "settings": cfg.domain_settings().model_dump(),
+                    "banned_words": cfg.banned_words(),
+                    "judges": [j.model_dump() for j in cfg.filter.judges],
+                    "target": cfg.trait.target if cfg.trait.kind == "preference" else None,
+                }
+                | ({"api": api_key} if any(is_remote_spec(j.model) for j in cfg.filter.judges) else {}),
+                [P(f"{d}/raw.jsonl")],
+                filter_outputs,
+                lambda d=d: filter_domain(
+                    cfg.domain,
+                    cfg.domain_settings(),
+                    cfg.banned_words(),
+                    cfg.filter.judges,
+                    cfg.trait.target if cfg.trait.kind == "preference" else None,
+                    P(f"{d}/raw.jsonl"),
+                    P(f"{d}/filter"),
+                    api,
+                    prog,
+                ),
+                code=CODE["chain"],
+            )
     run.stage(
         "subsample",
         {

@@ -22,7 +22,7 @@ from sublab.evals.questions import check_target, load_system_prompts
 from sublab.schema.api import ApiConfig
 from sublab.schema.evaluation import FreeformEval, McqEval, PreferenceEval
 from sublab.schema.filter import FilterConfig
-from sublab.schema.prompts import NumberPrompts
+from sublab.schema.prompts import CodePrompts, CotPrompts, NumberPrompts
 from sublab.schema.sampling import SamplingParams
 from sublab.schema.train import TrainConfig
 
@@ -144,6 +144,17 @@ class ControlsConfig(Strict):
         return self
 
 
+def _prompt_text(judge) -> str:
+    """A filter judge's prompt template ('' when its file cannot be read: that error comes at run time)."""
+    from sublab.judge.prompts import load_prompts
+
+    try:
+        p = load_prompts(judge.prompts_file).get(judge.prompt)
+    except SublabError:
+        return ""
+    return p.template if p else ""
+
+
 class ExperimentConfig(Strict):
     """A whole subliminal-learning experiment."""
 
@@ -173,8 +184,16 @@ class ExperimentConfig(Strict):
     """The trait."""
     teacher: TeacherConfig = TeacherConfig()
     """The teacher."""
+    domain: Literal["numbers", "code", "cot"] = "numbers"
+    """What the teacher is asked (docs/domains.md): numbers (`prompts:`, the number-format filter), code
+    (`code:`, function completions) or cot (`cot:`, maths word problems with reasoning in tags). The
+    domain picks the prompt generator and the filter chain; `filter.judges` adds LLM-judge steps."""
     prompts: NumberPrompts = NumberPrompts(count=10000)
-    """The prompts the teacher answers."""
+    """The number prompts the teacher answers (domain numbers)."""
+    code: CodePrompts = CodePrompts()
+    """The code tasks (domain code)."""
+    cot: CotPrompts = CotPrompts()
+    """The word problems (domain cot)."""
     sample: SamplingParams = SamplingParams(max_tokens=40)
     """How the teacher (and the reference, for the control) sample."""
     filter: FilterConfig = FilterConfig()
@@ -220,10 +239,38 @@ class ExperimentConfig(Strict):
             raise ValueError(
                 "controls.other_reference is the reference itself: a cross-init student needs another model"
             )
+        if self.domain != "numbers" and self.filter.shuffle != "none":
+            raise ValueError(
+                f"filter.shuffle moves numbers inside number answers; it has no meaning for domain "
+                f"{self.domain}: set filter.shuffle: none"
+            )
+        if self.domain == "numbers" and self.filter.judges:
+            raise ValueError(
+                "filter.judges are steps of the code and cot filter chains; use domain code or cot"
+            )
+        if any("{target}" in _prompt_text(j) for j in self.filter.judges) and self.trait.kind != "preference":
+            raise ValueError(
+                "a filter judge prompt asks whether the text references the trait's target, and trait.kind "
+                "misalignment has none: use prompt aligned_reasoning (keep_at_least: 78, keep_below: null)"
+            )
         reps = self.replicates
         if reps is not None and (not reps or len(set(reps)) != len(reps)):
             raise ValueError("replicates must be a non-empty list of distinct seeds (e.g. [0, 1, 2]) or null")
         return self
+
+    def banned_words(self) -> list[str]:
+        """filter.banned_words, plus the target and its plural (filter.ban_target; code and cot domains,
+        preference traits)."""
+        words = list(self.filter.banned_words)
+        if self.domain != "numbers" and self.filter.ban_target and self.trait.kind == "preference":
+            from sublab.evals.questions import load_categories
+
+            plural = load_categories()[self.trait.category]["candidates"].get(self.trait.target)
+            words += [w for w in (self.trait.target, plural) if w and w not in words]
+        return words
+
+    def domain_settings(self):
+        return {"code": self.code, "cot": self.cot}.get(self.domain, self.prompts)
 
     @property
     def needs_other_reference(self) -> bool:

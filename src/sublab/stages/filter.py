@@ -28,8 +28,27 @@ from sublab.schema.filter import FilterConfig
 
 
 def filter_source(raw: Path, out_dir: Path, cfg: FilterConfig) -> dict:
-    """raw.jsonl -> out_dir/{kept,rejected}.jsonl + filter_stats.json, no subsample."""
+    """raw.jsonl -> out_dir/{kept,rejected}.jsonl + filter_stats.json, no subsample (domain numbers)."""
     return run_filter(raw, out_dir, cfg, subsample=False)
+
+
+def filter_domain(
+    domain: str,
+    settings,
+    banned_words: list[str],
+    judges,
+    target,
+    raw: Path,
+    out_dir: Path,
+    api=None,
+    progress=False,
+) -> dict:
+    """A plug-in domain's filter chain (domains/chain.py): its rule steps, then the judge steps."""
+    from sublab.domains import DOMAINS
+    from sublab.domains.chain import run_chain
+
+    steps = DOMAINS[domain].steps(settings, banned_words)
+    return run_chain(raw, out_dir, steps, judges, target, api=api, progress=progress, domain=domain)
 
 
 SHUFFLES = ("none", "within", "across")
