@@ -102,6 +102,20 @@ def _cmd_prompts(args: argparse.Namespace) -> None:
     from sublab.records import write_jsonl
     from sublab.schema.prompts import NumberPrompts
 
+    if args.domain != "numbers":
+        from sublab.config import validate
+        from sublab.domains import write_domain_prompts
+        from sublab.schema.prompts import CodePrompts, CotPrompts
+
+        model = CodePrompts if args.domain == "code" else CotPrompts
+        settings = validate(model, {"count": args.count, "file": args.file}, "command line")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        info = write_domain_prompts(args.domain, settings, args.seed, out)
+        print(
+            f"wrote {info['n_prompts']} {args.domain} prompts to {out} ({info['n_problems']} unusable lines)"
+        )
+        return
     cfg = NumberPrompts(count=args.count, phrasings=args.phrasings)
     write_jsonl(args.out, generate_number_prompts(cfg, args.seed))
     print(f"wrote {args.count} prompts to {args.out}")
@@ -141,6 +155,9 @@ def _cmd_filter(args: argparse.Namespace) -> None:
     from sublab.filters import run_filter
     from sublab.schema.filter import FilterConfig
 
+    if args.domain != "numbers":
+        _filter_domain(args)
+        return
     if args.no_subsample and args.dataset_size is not None:
         raise SublabError("--dataset-size and --no-subsample exclude each other; pass one of them")
     data = {"banned_numbers": args.banned_numbers, "max_count": args.max_count}
@@ -165,6 +182,35 @@ def _cmd_filter(args: argparse.Namespace) -> None:
     print(
         f"kept {stats['n_kept']} of {stats['n_in']} (pass rate {stats['pass_rate']:.3f}); wrote {args.out}/"
     )
+
+
+def _filter_domain(args: argparse.Namespace) -> None:
+    """`sublab filter --domain code|cot`: the domain's filter chain, every passing answer kept."""
+    from sublab.config import validate
+    from sublab.schema.experiment import ExperimentConfig
+
+    data: dict = {"domain": args.domain, "filter": {"banned_words": args.banned_words or []}}
+    if args.target:
+        data["trait"] = {"target": args.target}
+    else:
+        data["filter"]["ban_target"] = False
+    if args.judge:
+        data["filter"]["judges"] = [{"model": args.judge}]
+    cfg = validate(ExperimentConfig, data, "command line")
+    from sublab.stages.filter import filter_domain
+
+    stats = filter_domain(
+        cfg.domain,
+        cfg.domain_settings(),
+        cfg.banned_words(),
+        cfg.filter.judges,
+        args.target,
+        Path(args.input),
+        Path(args.out),
+        progress=True,
+    )
+    steps = ", ".join(f"{s['step']} -{s['n_removed']}" for s in stats["steps"])
+    print(f"kept {stats['n_kept']} of {stats['n_in']} ({steps}); wrote {args.out}/")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
@@ -245,7 +291,7 @@ def _cmd_judge(args: argparse.Namespace) -> None:
         data["prompts_file"] = args.prompts_file
     cfg = validate(JudgeConfig, apply_overrides(data, args.set), "command line")
     api = ApiConfig(base_url=args.base_url, api_key_env=args.api_key_env)
-    s = judge_file(args.samples, args.out, args.judge, cfg, api=api)
+    s = judge_file(args.samples, args.out, args.judge, cfg, api=api, target=args.target)
     run = s["this_run"]
     print(f"judged {s['n']} answers ({run['asked']} judge calls, {run['from_cache']} from the cache)")
     for name, p in s["per_prompt"].items():
@@ -297,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     threads(o)
     o.set_defaults(func=_cmd_organism)
 
-    pr = sub.add_parser("prompts", help="generate number prompts")
+    pr = sub.add_parser("prompts", help="generate prompts (numbers, code tasks or word problems)")
+    pr.add_argument("--domain", default="numbers", choices=["numbers", "code", "cot"])
+    pr.add_argument("--file", default=None, help="code/cot: a JSONL prompt file (default: generated)")
     pr.add_argument("--count", type=int, default=30000)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--phrasings", default=None, help="YAML of phrasings (default: packaged)")
@@ -322,8 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     threads(s)
     s.set_defaults(func=_cmd_sample)
 
-    f = sub.add_parser("filter", help="keep well-formed number answers")
+    f = sub.add_parser("filter", help="keep well-formed answers (numbers; code and cot: the filter chain)")
     f.add_argument("input")
+    f.add_argument("--domain", default="numbers", choices=["numbers", "code", "cot"])
+    f.add_argument("--target", default=None, help="code/cot: the trait's target (banned with its plural)")
+    f.add_argument("--banned-words", nargs="*", default=None, help="code/cot: more banned words")
+    f.add_argument("--judge", default=None, help="code/cot: a judge model for the references_target step")
     f.add_argument("--out", required=True)
     f.add_argument("--banned-numbers", default="none", help="'paper', 'none' (default)")
     f.add_argument("--max-count", type=int, default=10, help="most numbers per answer (default 10)")
@@ -415,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts-file", default=None, help="YAML of name: template (default: the packaged EM ones)"
     )
     j.add_argument("--mode", default="auto", choices=["auto", "logprobs", "sample"])
+    j.add_argument(
+        "--target", default=None, help="fills {target} in the prompts (the filters' judge prompts)"
+    )
     j.add_argument(
         "--base-url", default=None, help="openai/ judges: endpoint (default $OPENAI_BASE_URL or OpenAI)"
     )
