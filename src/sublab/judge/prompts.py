@@ -23,6 +23,7 @@ PACKAGED = "em_prompts.yaml"
 NAMED = {
     "filter": ("sublab.judge", "data/filter_prompts.yaml"),
     "organism-filter": ("sublab.organism", "data/filter_judge_prompts.yaml"),
+    "organism-cot": ("sublab.organism", "data/cot_judge_prompts.yaml"),
 }
 """Other packaged prompt files by name: the data filters' judge prompts (paper-style, for real judges)
 and their short counterparts in the organism's vocabulary."""
@@ -55,7 +56,7 @@ class JudgePrompt:
 def load_prompts(path: str | Path | None = None) -> dict[str, JudgePrompt]:
     """name -> JudgePrompt from a YAML file (None: the packaged emergent-misalignment prompts;
     "organism": the organism judge's short prompts, sublab/organism/data/judge_prompts.yaml; "filter" and
-    "organism-filter": the data filters' judge prompts, NAMED)."""
+    "organism-filter", "organism-cot": the data filters' judge prompts, NAMED)."""
     if str(path) == "organism":
         from sublab.organism.world import judge_prompts_path
 
