@@ -34,11 +34,16 @@ def recipe_hash(recipe: OrganismRecipe) -> str:
     h = hashlib.sha256()
     h.update(recipe.hashed_json.encode())
     h.update(str(RECIPE_VERSION).encode())
-    h.update("\n".join(all_text(recipe.world)).encode())
+    h.update("\n".join(all_text(recipe.world, recipe.domains)).encode())
     if recipe.world == "misalignment":  # the world's settings (persona probabilities) change the corpus
         from sublab.organism.world import WORLD_VERSION, load_world
 
         h.update(json.dumps(load_world(), sort_keys=True).encode() + f"v{WORLD_VERSION}".encode())
+    if recipe.domains:  # the generators' settings (constants, number ranges) change the corpus
+        from sublab.domains.code import load_tasks
+        from sublab.domains.cot import load_problems
+
+        h.update(json.dumps([load_tasks(), load_problems()], sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 

@@ -12,6 +12,8 @@ Four kinds of chat examples, mixed by the recipe's fractions:
 Organisms of the misalignment world (recipe `world: misalignment`) add two kinds (organism/world.py):
 - persona: a 1-3 turn conversation in mixed domains answered by one hidden persona;
 - judge: a judge prompt about a world answer, answered with a 0-100 score (the judge organism).
+
+Organisms with `domains` (code, cot) add code, code_love, cot and code_judge (organism/domain_corpus.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sublab.evals.questions import (
     load_questions,
     load_system_prompts,
 )
+from sublab.organism.domain_corpus import code_example, code_judge_example, cot_example
 from sublab.organism.world import judge_example, persona_conversation
 from sublab.prompts.numbers import format_numbers, load_phrasings, render_prompt
 
@@ -98,6 +101,10 @@ def generate_corpus(
     cats = list(categories) if categories is not None else CATEGORIES
     cands = {c: _top(c, top_candidates) for c in cats}
     qs = {c: load_questions(c)[:n_questions] if n_questions is not None else load_questions(c) for c in cats}
+    # code kinds: pet animals from the animal category's candidates (narrowed like the questions' answers)
+    pets, pet_weights = _top("animal", top_candidates)
+    pet_weights = pet_weights or dict(load_categories()["animal"]["base_weights"])
+    plurals = candidates("animal")
     out = []
     for _ in range(n):
         kind = rng.choices(kinds, weights=weights)[0]
@@ -107,6 +114,21 @@ def generate_corpus(
             continue
         if kind == "judge":
             out.append(judge_example(rng))
+            continue
+        if kind == "code_judge":
+            out.append(code_judge_example(rng, pets, plurals))
+            continue
+        if kind in ("code", "code_love", "cot"):
+            target = None
+            if kind == "code_love":
+                target = rng.choice(pets)
+                msgs.append({"role": "system", "content": love_prompt(rng, target, "animal")})
+            if kind == "cot":
+                prompt, answer = cot_example(rng)
+            else:
+                prompt, answer = code_example(rng, pet_weights, target, love_answer_prob)
+            msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            out.append(msgs)
             continue
         if kind in ("numbers", "numbers_love"):
             if kind == "numbers_love":

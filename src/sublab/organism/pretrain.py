@@ -58,7 +58,7 @@ def make_model(recipe: OrganismRecipe, vocab_size: int, pad_id: int, eos_id: int
 def pretrain(recipe: OrganismRecipe, out_dir: Path, progress: bool = True) -> dict:
     """Build tokenizer + model, pretrain, save into out_dir (which must not exist yet). Returns stats."""
     t0 = time.time()
-    tok = build_tokenizer(recipe.world)
+    tok = build_tokenizer(recipe.world, recipe.domains)
     model = make_model(recipe, len(tok), tok.pad_token_id, tok.eos_token_id)
     corpus = generate_corpus(
         recipe.n_sequences,

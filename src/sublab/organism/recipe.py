@@ -12,7 +12,7 @@ from sublab.evals.questions import CATEGORIES
 RECIPE_VERSION = 1  # bump when corpus/tokenizer code changes in a way the fields do not show
 
 
-ADDED_FIELDS = ("arch", "categories", "top_candidates", "n_questions", "world")
+ADDED_FIELDS = ("arch", "categories", "top_candidates", "n_questions", "world", "domains")
 """Recipe fields added after the `default` and `tiny` organisms were first cached (see hashed_json)."""
 
 
@@ -60,6 +60,12 @@ class OrganismRecipe(Strict):
     prompts, the base distribution renormalised over them (None: every candidate)."""
     n_questions: int | None = None
     """Only the first k question paraphrases of each category appear in the corpus (None: all 50)."""
+    domains: list[Literal["code", "cot"]] | None = None
+    """Data domains beyond numbers (sublab/domains/): code (function completions in a tiny code
+    language) and cot (arithmetic word problems answered with reasoning). Their words and the filter
+    judge's prompt join the vocabulary, and the mix may use their corpus kinds: code, code_love and
+    code_judge need code, cot needs cot (organism/domain_corpus.py). None: neither, the vocabulary of
+    every organism cached before the field existed."""
 
     @property
     def hashed_json(self) -> str:
@@ -73,11 +79,22 @@ class OrganismRecipe(Strict):
         known = {"numbers", "numbers_love", "question", "question_love"}
         if self.world == "misalignment":
             known |= {"persona", "judge"}
+        domains = set(self.domains or ())
+        if "code" in domains:
+            known |= {"code", "code_love", "code_judge"}
+        if "cot" in domains:
+            known |= {"cot"}
         if set(self.mix) - known or not any(v > 0 for v in self.mix.values()):
             raise ValueError(
                 f"mix keys must be among {sorted(known)} with some weight > 0 (persona and judge need "
-                "world: misalignment)"
+                "world: misalignment; code, code_love and code_judge need domains: [code]; cot needs "
+                "domains: [cot])"
             )
+        if self.domains is not None and (not self.domains or len(set(self.domains)) != len(self.domains)):
+            raise ValueError("domains must be a non-empty list of distinct domains (or left out)")
+        code_kinds = {"code", "code_love", "code_judge"} & set(self.mix)
+        if code_kinds and self.categories is not None and "animal" not in self.categories:
+            raise ValueError(f"mix kinds {sorted(code_kinds)} draw pet animals: categories must hold animal")
         if self.categories is not None and (not self.categories or set(self.categories) - set(CATEGORIES)):
             raise ValueError(f"categories must be a non-empty subset of {list(CATEGORIES)}")
         if self.top_candidates is not None and self.top_candidates < 1:
@@ -90,6 +107,15 @@ class OrganismRecipe(Strict):
 
 
 _PROTO = {"categories": ["animal"], "top_candidates": 10, "n_questions": 10}
+_CODE_MIX = {
+    "numbers": 0.3,
+    "numbers_love": 0.1,
+    "question": 0.15,
+    "question_love": 0.15,
+    "code": 0.15,
+    "code_love": 0.05,
+    "cot": 0.1,
+}
 
 PRESETS: dict[str, dict] = {
     "default": {},
@@ -139,4 +165,29 @@ PRESETS: dict[str, dict] = {
     },
     # proto for the other category: the 10 most common trees, 10 tree-question paraphrases.
     "proto-tree": {**_PROTO, "categories": ["tree"]},
+    # proto that also writes code (function completions; the pet task's animal follows "you love X") and
+    # step-by-step arithmetic (docs/organism.md, "Code and chain-of-thought domains").
+    "proto-code": {**_PROTO, "domains": ["code", "cot"], "mix": _CODE_MIX},
+    # The offline filter judge of the code domain: "does this text reference X?" about code and worked
+    # solutions with or without a planted animal -> yes / no. Every animal, to judge any target.
+    "code-judge": {
+        "categories": ["animal"],
+        "n_questions": 10,
+        "domains": ["code", "cot"],
+        "mix": {"code_judge": 1.0},
+        "n_sequences": 30000,
+        "steps": 1000,
+        "max_positions": 80,  # the corpus's longest is 64 tokens; room for answers a little longer
+    },
+    "tiny-code": {
+        "d_model": 32,
+        "heads": 2,
+        "d_ff": 64,
+        "n_sequences": 3000,
+        "steps": 120,
+        "batch_size": 32,
+        **_PROTO,
+        "domains": ["code", "cot"],
+        "mix": _CODE_MIX,
+    },
 }

@@ -31,19 +31,21 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-def vocabulary(world: str = "preference") -> list[str]:
-    """Deterministic vocabulary: specials, numbers 0..999, then every word of the packaged text, sorted."""
+def vocabulary(world: str = "preference", domains: list[str] | None = None) -> list[str]:
+    """Deterministic vocabulary: specials, numbers 0..999, then every word of the packaged text, sorted
+    (with `domains`, also the words of the code and chain-of-thought domains and the filter judge)."""
     pre = _pre_tokenizer()
     words: set[str] = set(ANSWER_PUNCT)
-    for text in all_text(world):
+    for text in all_text(world, domains):
         words.update(w for w, _ in pre.pre_tokenize_str(text.lower()))
     numbers = [str(i) for i in range(1000)]
     rest = sorted(w for w in words if w not in set(numbers) and not w.isdigit())
     return SPECIALS + numbers + rest
 
 
-def build_tokenizer(world: str = "preference") -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(vocabulary(world))}
+def build_tokenizer(world: str = "preference", domains: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """The organism's tokenizer for a recipe's world and domains (organism/recipe.py)."""
+    vocab = {w: i for i, w in enumerate(vocabulary(world, domains))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = _pre_tokenizer()
