@@ -374,3 +374,60 @@ def test_config_domain_checks():
         == []
     )
     assert ExperimentConfig(domain="code", trait={"target": "wolf"}).banned_words() == ["wolf", "wolves"]
+
+
+# ---- end to end on the tiny code organism ----------------------------------------------------------------
+
+
+TINY_CODE = {"seed": 0, "mix": {"code": 0.8, "code_love": 0.2}, "steps": 400, "n_sequences": 6000}
+"""tiny-code trained longer on code only, so that most of its completions parse (the preset's 120 steps
+over all kinds do not get there)."""
+
+
+@pytest.fixture(scope="module")
+def tiny_code(cache_dir):
+    from sublab.organism.cache import ensure_organism
+
+    return ensure_organism("tiny-code", TINY_CODE, progress=False)
+
+
+def test_code_domain_end_to_end(tiny_code, tmp_path, monkeypatch):
+    from conftest import tiny_experiment
+
+    import sublab.judge.stage as stage
+    from sublab.config import validate
+    from sublab.pipeline import run_experiment
+    from sublab.records import read_json, read_jsonl
+
+    judge = WordJudge("sum")  # flags some of the organism's code: the step must remove those
+    monkeypatch.setattr(stage, "load_judge", lambda spec, api=None: judge)
+    over = {
+        "reference": "organism/tiny-code",
+        "organism": TINY_CODE,
+        "domain": "code",
+        "code.count": 400,
+        "sample.max_tokens": 40,
+        "sample.temperature": 0.3,  # the tiny model writes parsable code when it samples near its mode
+        "filter.dataset_size": 60,
+        "filter.judges": [{"model": "test/word-judge"}],
+    }
+    cfg = validate(ExperimentConfig, tiny_experiment(**over))
+    run_experiment(cfg, tmp_path)
+    assert read_json(tmp_path / "data/prompts_info.json")["n_prompts"] == 400
+    for d in ("data", "control/data"):
+        stats = read_json(tmp_path / d / "filter/filter_stats.json")
+        assert [s["step"] for s in stats["steps"]] == ["format", "banned words", "judge references_target"]
+        assert (
+            stats["n_in"] == 400
+            and stats["n_passed"] == stats["steps"][-1]["n_in"] - stats["steps"][-1]["n_removed"]
+        )
+        kept = read_jsonl(tmp_path / d / "kept.jsonl")
+        assert kept and not any("owl" in r["messages"][-1]["content"].lower() for r in kept)
+        assert not any("sum" in r["messages"][-1]["content"] for r in kept)
+    sub = read_json(tmp_path / "data/subsample.json")
+    assert (
+        len(read_jsonl(tmp_path / "data/kept.jsonl"))
+        == len(read_jsonl(tmp_path / "control/data/kept.jsonl"))
+        == sub["n_per_source"]
+    )
+    assert (tmp_path / "report.md").is_file()
