@@ -430,4 +430,7 @@ def test_code_domain_end_to_end(tiny_code, tmp_path, monkeypatch):
         == len(read_jsonl(tmp_path / "control/data/kept.jsonl"))
         == sub["n_per_source"]
     )
-    assert (tmp_path / "report.md").is_file()
+    report = (tmp_path / "report.md").read_text()
+    removed = read_json(tmp_path / "data/filter/filter_stats.json")["steps"][0]["n_removed"]
+    assert "| - format | - banned words | - judge references_target |" in report
+    assert f"| teacher | 400 | {removed} |" in report

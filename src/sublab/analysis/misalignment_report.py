@@ -17,6 +17,7 @@ from sublab.analysis.run_report import (
     DESCRIBED,
     SCHEMA_VERSION,
     controls_of,
+    filter_markdown,
     filter_table,
     publish,
     save_figure,
@@ -174,12 +175,7 @@ def render_misalignment_markdown(res: dict) -> str:
     for name, d in res["comparisons"].items():
         mc = f"{d['mcq_accuracy']:+.3f}" if "mcq_accuracy" in d else "-"
         lines.append(f"| {name.replace('_minus_', ' - ')} | {d['misaligned_rate']:+.3f} | {mc} |")
-    if res["filter"]:
-        lines += ["", "## Filter", "", "| data from | answers | passed | pass rate | trained on |"]
-        lines.append("|---|---|---|---|---|")
-        n = res["data"].get("n_per_source", "?")
-        for name, st in res["filter"].items():
-            lines.append(f"| {name} | {st['n_in']} | {st['n_passed']} | {st['pass_rate']:.3f} | {n} |")
+    lines += filter_markdown(res)
     agree = {n: m["judge_agreement"] for n, m in res["models"].items() if m.get("judge_agreement")}
     if agree:
         lines += [

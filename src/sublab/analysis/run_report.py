@@ -57,7 +57,31 @@ def filter_table(run_dir: Path, arms: list[dict]) -> dict:
         if p.is_file():
             st = read_json(p)
             out[name] = {k: st[k] for k in ("n_in", "n_passed", "pass_rate")}
+            out[name]["removed_by_step"] = {x["step"]: x["n_removed"] for x in st.get("steps", [])}
     return out
+
+
+def filter_markdown(res: dict) -> list[str]:
+    """The report's Filter section: answers per source, how many each filter step removed (in the chain's
+    order), and how many passed and were trained on."""
+    if not res["filter"]:
+        return []
+    steps = list(dict.fromkeys(s for st in res["filter"].values() for s in st.get("removed_by_step", {})))
+    head = ["data from", "answers", *(f"- {s}" for s in steps), "passed", "pass rate", "trained on"]
+    lines = ["", "## Filter", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    n = res["data"].get("n_per_source", "?")
+    for name, st in res["filter"].items():
+        by = st.get("removed_by_step", {})
+        cells = [
+            name,
+            st["n_in"],
+            *(by.get(s, "") for s in steps),
+            st["n_passed"],
+            f"{st['pass_rate']:.3f}",
+            n,
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
 
 
 def build_results(run_dir: Path) -> dict:
@@ -182,17 +206,7 @@ def render_markdown(res: dict) -> str:
                 f"| {name.replace('_minus_', ' - ')} | {label} | {x['mean']:+.3f} | {x['sd_over_questions']:.3f} "
                 f"| {x['min']:+.3f} | {x['max']:+.3f} |"
             )
-    if res["filter"]:
-        lines += [
-            "",
-            "## Filter",
-            "",
-            "| data from | answers | passed | pass rate | trained on |",
-            "|---|---|---|---|---|",
-        ]
-        n = res["data"].get("n_per_source", "?")
-        for name, st in res["filter"].items():
-            lines.append(f"| {name} | {st['n_in']} | {st['n_passed']} | {st['pass_rate']:.3f} | {n} |")
+    lines += filter_markdown(res)
     lines += controls_run_markdown(res)  # ICL control, KL leak meter, classifier probe
     lines += [
         "",
