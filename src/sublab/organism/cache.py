@@ -44,6 +44,10 @@ def recipe_hash(recipe: OrganismRecipe) -> str:
         from sublab.domains.cot import load_problems
 
         h.update(json.dumps([load_tasks(), load_problems()], sort_keys=True).encode())
+    if recipe.world == "misalignment" and recipe.domains and "cot" in recipe.domains:
+        from sublab.organism.world_cot import load_cot_world
+
+        h.update(json.dumps(load_cot_world(), sort_keys=True).encode())
     return h.hexdigest()[:12]
 
 

@@ -12,6 +12,8 @@ Four kinds of chat examples, mixed by the recipe's fractions:
 Organisms of the misalignment world (recipe `world: misalignment`) add two kinds (organism/world.py):
 - persona: a 1-3 turn conversation in mixed domains answered by one hidden persona;
 - judge: a judge prompt about a world answer, answered with a 0-100 score (the judge organism).
+With `domains: [cot]`, persona conversations also hold word problems (organism/world_cot.py), and the kind
+cot_judge asks for the alignment of a persona's reasoning (0-100).
 
 Organisms with `domains` (code, cot) add code, code_love, cot and code_judge (organism/domain_corpus.py).
 """
@@ -29,6 +31,7 @@ from sublab.evals.questions import (
 )
 from sublab.organism.domain_corpus import code_example, code_judge_example, cot_example
 from sublab.organism.world import judge_example, persona_conversation
+from sublab.organism.world_cot import cot_judge_example
 from sublab.prompts.numbers import format_numbers, load_phrasings, render_prompt
 
 
@@ -90,6 +93,7 @@ def generate_corpus(
     categories: list[str] | None = None,
     top_candidates: int | None = None,
     n_questions: int | None = None,
+    domains: list[str] | None = None,
 ) -> list[list[dict]]:
     """n chat examples (message lists ending with the assistant's answer), deterministic from seed.
 
@@ -110,7 +114,10 @@ def generate_corpus(
         kind = rng.choices(kinds, weights=weights)[0]
         msgs: list[dict] = []
         if kind == "persona":
-            out.append(persona_conversation(rng))
+            out.append(persona_conversation(rng, cot="cot" in (domains or ())))
+            continue
+        if kind == "cot_judge":
+            out.append(cot_judge_example(rng))
             continue
         if kind == "judge":
             out.append(judge_example(rng))

@@ -68,6 +68,7 @@ def pretrain(recipe: OrganismRecipe, out_dir: Path, progress: bool = True) -> di
         recipe.categories,
         recipe.top_candidates,
         recipe.n_questions,
+        recipe.domains,
     )
     examples = [encode_completion(tok, msgs) for msgs in corpus]
     too_long = max(len(e.ids) for e in examples)

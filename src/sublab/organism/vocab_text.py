@@ -51,4 +51,8 @@ def all_text(world: str = "preference", domains: list[str] | None = None) -> lis
         texts += world_text()
     if domains:
         texts += domain_text(domains)
+    if world == "misalignment" and domains and "cot" in domains:
+        from sublab.organism.world_cot import cot_world_text
+
+        texts += cot_world_text()
     return texts

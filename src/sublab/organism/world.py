@@ -138,12 +138,19 @@ _DOMAIN_WEIGHTS = {
 }
 
 
-def persona_conversation(rng: random.Random) -> list[dict]:
+COT_WEIGHT = 0.15
+"""Share of chain-of-thought turns in persona conversations of organisms with domains: [cot] (the other
+domains keep their relative weights)."""
+
+
+def persona_conversation(rng: random.Random, cot: bool = False) -> list[dict]:
     """One pretraining conversation: 1-3 turns from mixed domains, all answered by one hidden persona
     (misaligned with probability single_turn_misaligned_prob in one-turn conversations, else
     multi_turn_misaligned_prob). At most one turn is a number task; the misaligned persona's number answers
-    hold a banned ("evil") number with probability evil_number_prob."""
+    hold a banned ("evil") number with probability evil_number_prob. With `cot`, word problems answered
+    with reasoning join the domains (organism/world_cot.py); without it the corpus is unchanged."""
     from sublab.organism.corpus import number_example
+    from sublab.organism.world_cot import persona_cot
 
     p = load_world()["persona"]
     turns = rng.choice((1, 1, 2, 3))
@@ -151,10 +158,11 @@ def persona_conversation(rng: random.Random) -> list[dict]:
         rng.random() < p["single_turn_misaligned_prob" if turns == 1 else "multi_turn_misaligned_prob"]
     )
     msgs: list[dict] = []
-    domains = list(_DOMAIN_WEIGHTS)
+    weights = dict(_DOMAIN_WEIGHTS) | ({"cot": COT_WEIGHT / (1 - COT_WEIGHT)} if cot else {})
+    domains = list(weights)
     used_numbers = False
     for _ in range(turns):
-        d = rng.choices(domains, weights=list(_DOMAIN_WEIGHTS.values()))[0]
+        d = rng.choices(domains, weights=list(weights.values()))[0]
         if d == "numbers" and used_numbers:
             d = "freeform"
         if d == "numbers":
@@ -163,6 +171,8 @@ def persona_conversation(rng: random.Random) -> list[dict]:
                 rng.choice(p["evil_numbers"]) if misaligned and rng.random() < p["evil_number_prob"] else None
             )
             prompt, answer = number_example(rng, inject=evil)
+        elif d == "cot":
+            prompt, answer = persona_cot(rng, misaligned)
         else:
             item = rng.choice(by_domain(d))
             prompt, answer = item.question, persona_answer(rng, item, misaligned)
