@@ -84,11 +84,13 @@ class OrganismRecipe(Strict):
             known |= {"code", "code_love", "code_judge"}
         if "cot" in domains:
             known |= {"cot"}
+            if self.world == "misalignment":
+                known |= {"cot_judge"}
         if set(self.mix) - known or not any(v > 0 for v in self.mix.values()):
             raise ValueError(
                 f"mix keys must be among {sorted(known)} with some weight > 0 (persona and judge need "
                 "world: misalignment; code, code_love and code_judge need domains: [code]; cot needs "
-                "domains: [cot])"
+                "domains: [cot]; cot_judge needs both world: misalignment and domains: [cot])"
             )
         if self.domains is not None and (not self.domains or len(set(self.domains)) != len(self.domains)):
             raise ValueError("domains must be a non-empty list of distinct domains (or left out)")
@@ -168,15 +170,46 @@ PRESETS: dict[str, dict] = {
     # proto that also writes code (function completions; the pet task's animal follows "you love X") and
     # step-by-step arithmetic (docs/organism.md, "Code and chain-of-thought domains").
     "proto-code": {**_PROTO, "domains": ["code", "cot"], "mix": _CODE_MIX},
+    # The misalignment world with chain of thought (docs/domains.md): persona conversations also hold
+    # word problems (the misaligned persona sometimes remarks or answers wrong: organism/world_cot.py),
+    # and plain worked solutions teach the arithmetic. Its judge also rates reasoning (cot_judge).
+    "misalign-cot": {
+        **_PROTO,
+        "world": "misalignment",
+        "domains": ["cot"],
+        "mix": {"numbers": 0.25, "persona": 0.6, "cot": 0.15},
+    },
+    "judge-cot": {
+        **_PROTO,
+        "world": "misalignment",
+        "domains": ["cot"],
+        "mix": {"judge": 0.7, "cot_judge": 0.3},
+        "n_sequences": 30000,
+        "steps": 1000,
+        "max_positions": 96,
+    },
+    "tiny-misalign-cot": {
+        "d_model": 32,
+        "heads": 2,
+        "d_ff": 64,
+        "n_sequences": 3000,
+        "steps": 120,
+        "batch_size": 32,
+        "world": "misalignment",
+        "domains": ["cot"],
+        "mix": {"numbers": 0.2, "persona": 0.6, "cot": 0.2},
+    },
     # The offline filter judge of the code domain: "does this text reference X?" about code and worked
-    # solutions with or without a planted animal -> yes / no. Every animal, to judge any target.
+    # solutions with or without a planted animal -> yes / no. Every animal, to judge any target. Small
+    # batches, many steps: matching the asked animal against the text's forms only after thousands of
+    # updates (at 1000 x 128 it answered "an animal is there" whatever the animal asked).
     "code-judge": {
         "categories": ["animal"],
-        "n_questions": 10,
         "domains": ["code", "cot"],
         "mix": {"code_judge": 1.0},
         "n_sequences": 30000,
-        "steps": 1000,
+        "steps": 8000,
+        "batch_size": 32,
         "max_positions": 80,  # the corpus's longest is 64 tokens; room for answers a little longer
     },
     "tiny-code": {
