@@ -63,6 +63,15 @@ def score_top_logprobs(top: list[tuple[str, float]], min_mass: float = 0.25) -> 
         p = math.exp(logprob)
         mass += p
         weighted += value * p
+    return _massed(
+        top, mass, min_mass, "low_integer_mass", "integers 0-100", weighted / mass if mass else 0.0
+    )
+
+
+def _massed(
+    top: list[tuple[str, float]], mass: float, min_mass: float, kind: str, what: str, score: float
+) -> Score:
+    """The score, or no score with the reason (an empty top-k list, or too little mass on `what`)."""
     if not top:
         return Score(None, 0.0, "no_logprobs: the judge returned an empty top-k list")
     if mass <= 0.0 or mass < min_mass:
@@ -70,10 +79,10 @@ def score_top_logprobs(top: list[tuple[str, float]], min_mass: float = 0.25) -> 
         return Score(
             None,
             mass,
-            f"low_integer_mass: {mass:.3f} of the probability on integers 0-100 (< {min_mass}); "
+            f"{kind}: {mass:.3f} of the probability on {what} (< {min_mass}); "
             f"the judge's top token is {lead[0]!r} ({math.exp(lead[1]):.3f})",
         )
-    return Score(weighted / mass, mass)
+    return Score(score, mass)
 
 
 def score_yes_no(top: list[tuple[str, float]], min_mass: float = 0.25) -> Score:
@@ -92,17 +101,7 @@ def score_yes_no(top: list[tuple[str, float]], min_mass: float = 0.25) -> Score:
         if word in p:
             p[word] += math.exp(logprob)
     mass = p["yes"] + p["no"]
-    if not top:
-        return Score(None, 0.0, "no_logprobs: the judge returned an empty top-k list")
-    if mass <= 0.0 or mass < min_mass:
-        lead = max(top, key=lambda t: t[1])
-        return Score(
-            None,
-            mass,
-            f"low_yes_no_mass: {mass:.3f} of the probability on yes/no (< {min_mass}); the judge's top "
-            f"token is {lead[0]!r} ({math.exp(lead[1]):.3f})",
-        )
-    return Score(100.0 * p["yes"] / mass, mass)
+    return _massed(top, mass, min_mass, "low_yes_no_mass", "yes/no", 100.0 * p["yes"] / mass if mass else 0.0)
 
 
 def sampled_yes_no(texts: list[str], min_parsed_fraction: float = 0.5) -> Score:
