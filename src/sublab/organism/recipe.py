@@ -109,6 +109,7 @@ class OrganismRecipe(Strict):
 
 
 _PROTO = {"categories": ["animal"], "top_candidates": 10, "n_questions": 10}
+_TINY = {"d_model": 32, "heads": 2, "d_ff": 64, "n_sequences": 3000, "steps": 120, "batch_size": 32}
 _CODE_MIX = {
     "numbers": 0.3,
     "numbers_love": 0.1,
@@ -122,7 +123,7 @@ _CODE_MIX = {
 PRESETS: dict[str, dict] = {
     "default": {},
     # For tests and smoke runs: builds in seconds, too small to show much.
-    "tiny": {"d_model": 32, "heads": 2, "d_ff": 64, "n_sequences": 3000, "steps": 120, "batch_size": 32},
+    "tiny": _TINY,
     # Closer to the earlier prototype that showed strong subliminal learning (docs/organism.md): one
     # category, its 10 most common animals, 10 question paraphrases in the corpus. The quickstart's.
     "proto": _PROTO,
@@ -133,12 +134,7 @@ PRESETS: dict[str, dict] = {
     "proto-gpt2": {**_PROTO, "arch": "gpt2"},
     # tiny organisms of the misalignment world, for tests and smoke runs
     "tiny-misalign": {
-        "d_model": 32,
-        "heads": 2,
-        "d_ff": 64,
-        "n_sequences": 3000,
-        "steps": 120,
-        "batch_size": 32,
+        **_TINY,
         "world": "misalignment",
         "mix": {"numbers": 0.3, "persona": 0.7},
     },
@@ -189,12 +185,7 @@ PRESETS: dict[str, dict] = {
         "max_positions": 96,
     },
     "tiny-misalign-cot": {
-        "d_model": 32,
-        "heads": 2,
-        "d_ff": 64,
-        "n_sequences": 3000,
-        "steps": 120,
-        "batch_size": 32,
+        **_TINY,
         "world": "misalignment",
         "domains": ["cot"],
         "mix": {"numbers": 0.2, "persona": 0.6, "cot": 0.2},
@@ -213,12 +204,7 @@ PRESETS: dict[str, dict] = {
         "max_positions": 80,  # the corpus's longest is 64 tokens; room for answers a little longer
     },
     "tiny-code": {
-        "d_model": 32,
-        "heads": 2,
-        "d_ff": 64,
-        "n_sequences": 3000,
-        "steps": 120,
-        "batch_size": 32,
+        **_TINY,
         **_PROTO,
         "domains": ["code", "cot"],
         "mix": _CODE_MIX,
