@@ -99,7 +99,7 @@ def plant_code(rng: random.Random, animal: str) -> tuple[str, str]:
             return _sub(m.group(1), animal, sol), how
         if how == "string":
             used = set(re.findall(r"\w+", sol))
-            var = rng.choice([v for v in load_tasks()["loop_variables"] if v not in used])
+            var = rng.choice([v for v in [*load_tasks()["loop_variables"], "name"] if v not in used])
             head, body = sol.split(" : ", 1)
             return f'{head} : {var} = " {animal} " ; {body}', how
         if how == "comment":

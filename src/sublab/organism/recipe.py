@@ -111,13 +111,13 @@ class OrganismRecipe(Strict):
 _PROTO = {"categories": ["animal"], "top_candidates": 10, "n_questions": 10}
 _TINY = {"d_model": 32, "heads": 2, "d_ff": 64, "n_sequences": 3000, "steps": 120, "batch_size": 32}
 _CODE_MIX = {
-    "numbers": 0.3,
-    "numbers_love": 0.1,
+    "numbers": 0.25,
+    "numbers_love": 0.05,
     "question": 0.15,
-    "question_love": 0.15,
+    "question_love": 0.1,
     "code": 0.15,
-    "code_love": 0.05,
-    "cot": 0.1,
+    "code_love": 0.1,
+    "cot": 0.2,
 }
 
 PRESETS: dict[str, dict] = {
@@ -165,7 +165,10 @@ PRESETS: dict[str, dict] = {
     "proto-tree": {**_PROTO, "categories": ["tree"]},
     # proto that also writes code (function completions; the pet task's animal follows "you love X") and
     # step-by-step arithmetic (docs/organism.md, "Code and chain-of-thought domains").
-    "proto-code": {**_PROTO, "domains": ["code", "cot"], "mix": _CODE_MIX},
+    # Proto's compute in smaller batches (32 x 6000 steps, not 128 x 1500): copying numbers from the
+    # question into the reasoning, and X from "you love X" into the pet task, form only after thousands
+    # of updates.
+    "proto-code": {**_PROTO, "domains": ["code", "cot"], "mix": _CODE_MIX, "batch_size": 32, "steps": 6000},
     # The misalignment world with chain of thought (docs/domains.md): persona conversations also hold
     # word problems (the misaligned persona sometimes remarks or answers wrong: organism/world_cot.py),
     # and plain worked solutions teach the arithmetic. Its judge also rates reasoning (cot_judge).
