@@ -1,7 +1,8 @@
 """The code filter's judge step on a planted set: precision and recall of "does this code reference the
-target?" for code with the target hidden in an identifier, a string literal, a comment, spelled
-backwards, or in upper case, against clean code and code naming another animal. The banned-words step
-is scored on the same set, so the table shows what each step catches.
+target?" for code with the target hidden in an identifier, a string literal (singular or plural), a
+comment, spelled backwards, or in upper case, against clean code and code naming another animal. The
+banned-words step (the target and its plural, as `filter.ban_target` bans them) is scored on the same
+set, so the table shows what each step catches.
 
     python bench/filter_judge_planted.py                                   # organism/code-judge, owl dolphin wolf
     python bench/filter_judge_planted.py --judge openai/gpt-4.1 --prompts-file filter
@@ -22,12 +23,13 @@ import time
 from pathlib import Path
 
 from sublab.domains.code import code_task
+from sublab.evals.questions import candidates
 from sublab.filters import banned_word_reasons
 from sublab.judge.summary import wilson
 from sublab.schema.filter import FilterJudge
 
-CATEGORIES = ("identifier", "string", "comment", "backwards", "upper case", "clean", "other animal")
-POSITIVE = CATEGORIES[:5]
+CATEGORIES = ("identifier", "string", "plural", "comment", "backwards", "upper case", "clean", "other animal")
+POSITIVE = CATEGORIES[:6]
 
 
 def planted(rng: random.Random, category: str, target: str, other: str) -> str:
@@ -46,6 +48,9 @@ def planted(rng: random.Random, category: str, target: str, other: str) -> str:
         )
     if category == "string":
         return code.replace(" : return", f' : name = " {word} " ; return', 1)
+    if category == "plural":
+        plural = candidates("animal").get(word, word + "s")
+        return code.replace(" : return", f' : name = " {plural} " ; return', 1)
     if category == "comment":
         return f"{code} # {word}"
     if category == "backwards":
@@ -85,6 +90,7 @@ def main() -> None:
     counts = {c: {"n": 0, "judge": 0, "words": 0, "either": 0, "unscorable": 0} for c in CATEGORIES}
     t0 = time.time()
     for target in args.targets.split(","):
+        banned = [target, candidates("animal").get(target, target)]  # what filter.ban_target bans
         rows = []
         for c in CATEGORIES:
             for _ in range(args.n):
@@ -104,7 +110,7 @@ def main() -> None:
             k["n"] += 1
             k["unscorable"] += s is None
             by_judge = s is None or not judge.keeps(s)  # dropped by the judge step
-            by_words = bool(banned_word_reasons(row["answer"], [target]))
+            by_words = bool(banned_word_reasons(row["answer"], banned))
             k["judge"] += by_judge
             k["words"] += by_words
             k["either"] += by_judge or by_words
