@@ -434,3 +434,22 @@ def test_code_domain_end_to_end(tiny_code, tmp_path, monkeypatch):
     removed = read_json(tmp_path / "data/filter/filter_stats.json")["steps"][0]["n_removed"]
     assert "| - format | - banned words | - judge references_target |" in report
     assert f"| teacher | 400 | {removed} |" in report
+
+
+def test_number_prompt_file_with_bad_lines(tmp_path):
+    from sublab.schema.prompts import NumberPrompts
+    from sublab.stages.prompts import write_prompts
+
+    f = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"prompt": "Continue: 1, 2, 3"}, {"text": "no prompt"}, "oops", {"prompt": "4, 5"}],
+    )
+    out = tmp_path / "prompts.jsonl"
+    assert write_prompts(NumberPrompts(file=str(f), count=10), 0, out) == 2
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in recs] == ["Continue: 1, 2, 3", "4, 5"]
+    problems = [json.loads(x) for x in (tmp_path / "prompt_problems.jsonl").read_text().splitlines()]
+    assert [(p["line"], p["reason"][:12]) for p in problems] == [(2, "missing or e"), (3, "not JSON: Ex")]
+    assert NumberPrompts().model_dump(exclude={"file"}) == NumberPrompts(count=30000).model_dump(
+        exclude={"file"}
+    )

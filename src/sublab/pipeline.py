@@ -122,9 +122,12 @@ def run_experiment(
     if cfg.domain == "numbers":
         run.stage(
             "prompts",
-            {"prompts": cfg.prompts.model_dump(), "seed": cfg.seed},
-            [],
-            ["data/prompts.jsonl"],
+            {
+                "prompts": cfg.prompts.model_dump(exclude={"file"} if cfg.prompts.file is None else set()),
+                "seed": cfg.seed,
+            },
+            [Path(cfg.prompts.file)] if cfg.prompts.file and Path(cfg.prompts.file).is_file() else [],
+            ["data/prompts.jsonl"] + (["data/prompt_problems.jsonl"] if cfg.prompts.file else []),
             lambda: write_prompts(cfg.prompts, cfg.seed, P("data/prompts.jsonl")),
             code=CODE["prompts"],
         )

@@ -76,6 +76,14 @@ def render_prompt(
     return " ".join(parts), {"sep": fmt["sep"], "brackets": bool(fmt.get("brackets", False))}
 
 
+def number_prompt_from_line(obj: dict, i: int, rng: random.Random) -> tuple[dict | None, str | None]:
+    """One prompt record from a line of a user's number-prompt file ({"prompt": ...}), or a reason."""
+    text = obj.get("prompt")
+    if not isinstance(text, str) or not text.strip():
+        return None, "missing or empty field 'prompt'"
+    return {"messages": [{"role": "user", "content": text}], "metadata": {"prompt_index": i}}, None
+
+
 def generate_number_prompts(cfg: NumberPrompts, seed: int) -> list[dict]:
     """`cfg.count` chat records with only the user message; metadata holds the given numbers and format."""
     rng = random.Random(f"number-prompts:{seed}")

@@ -27,6 +27,10 @@ class NumberPrompts(Strict):
     """The prompt asks for at most this many digits per number."""
     phrasings: str | None = None
     """A YAML file of phrasings (same shape as the packaged prompts/data/numbers.yaml); None = packaged."""
+    file: str | None = None
+    """A JSONL file of your own number prompts, {"prompt": "..."} per line, used as they are (at most
+    `count` of them); the number-format filter applies as usual. A line that cannot be used is skipped
+    and recorded in data/prompt_problems.jsonl. None = the generator."""
 
     @model_validator(mode="after")
     def _ranges(self) -> NumberPrompts:
