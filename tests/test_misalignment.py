@@ -306,6 +306,7 @@ def test_sweep_report_compares_the_student_with_every_control_student(tmp_path):
         if line.startswith("| run | condition |")
     )
     assert "| teacher |" in header and "| control_secure |" in header
+    assert "4 finished runs of 4;" in (tmp_path / "report.md").read_text()  # runs, not metric rows
     assert read_json(tmp_path / "sweep_results.json")["runs"][0]["metric"] == "misaligned_rate"
 
 

@@ -401,7 +401,7 @@ def write_sweep_report(root: str | Path) -> dict:
     lines = [
         f"# sublab {'sweep' if state.get('sweep_file') else 'run'}: {state['sweep']['name']}",
         "",
-        f"{len(rows)} finished runs of {len(state['runs'])}; stages computed "
+        f"{len({r['name'] for r in rows})} finished runs of {len(state['runs'])}; stages computed "
         f"{state['counts']['stages_run']}, reused from the shared store {state['counts']['stages_shared']}, "
         f"already done {state['counts']['stages_skipped']}; executor {state.get('executor', 'local')}; "
         f"wall time {state['seconds']} s.",
