@@ -46,6 +46,7 @@ CODE = {
         "sublab.schema.filter",
         "sublab.domains",
         "sublab.judge",
+        "sublab.organism.recipe",  # an organism judge's preset
     ),
     "subsample": ("sublab.stages.filter",),
     "train": ("sublab.stages.train", *MODEL_CODE),
@@ -146,6 +147,7 @@ def run_experiment(
         update={"seed": replicate_seed(cfg.sample.seed, cfg.seed)}
     )
     sources = data_sources(arms)
+    judged_target = cfg.trait.target if cfg.trait.kind == "preference" else None  # a filter judge's {target}
     for source in sources:
         d = data_dir(source)
         run.stage(
@@ -185,7 +187,7 @@ def run_experiment(
                     "settings": cfg.domain_settings().model_dump(),
                     "banned_words": cfg.banned_words(),
                     "judges": [j.model_dump() for j in cfg.filter.judges],
-                    "target": cfg.trait.target if cfg.trait.kind == "preference" else None,
+                    "target": judged_target,
                 }
                 | ({"api": api_key} if any(is_remote_spec(j.model) for j in cfg.filter.judges) else {}),
                 [P(f"{d}/raw.jsonl")],
@@ -195,7 +197,7 @@ def run_experiment(
                     cfg.domain_settings(),
                     cfg.banned_words(),
                     cfg.filter.judges,
-                    cfg.trait.target if cfg.trait.kind == "preference" else None,
+                    judged_target,
                     P(f"{d}/raw.jsonl"),
                     P(f"{d}/filter"),
                     api,
