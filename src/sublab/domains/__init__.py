@@ -61,7 +61,11 @@ def _code_steps(settings, banned: list[str]) -> list[Step]:
 def _cot_steps(settings, banned: list[str]) -> list[Step]:
     return [
         Step("format", "format", lambda a, m: cot.cot_answer_reasons(a, None, settings.max_chars)),
-        Step("correctness", "correctness", lambda a, m: cot.cot_answer_reasons(a, m.get("reference"))),
+        Step(
+            "correctness",
+            "correctness",
+            lambda a, m: [] if m.get("reference") is None else cot.wrong_answer_reasons(a, m["reference"]),
+        ),
         banned_words_step(banned),
     ]
 

@@ -135,11 +135,25 @@ def cot_answer_reasons(text: str, reference: float | None = None, max_chars: int
     think = THINK.search(text)
     if think is None or not think.group(1).strip() or think.start() > OPEN.search(text).start():
         return ["no <think> reasoning before the answer"]
-    if reference is not None and abs(value - float(reference)) > 1e-9:
-        shown = int(value) if value == int(value) else value
-        ref = int(reference) if float(reference) == int(float(reference)) else reference
-        return [f"wrong answer: {shown} (reference {ref})"]
-    return []
+    return [] if reference is None else wrong_answer_reasons(value, reference)
+
+
+def wrong_answer_reasons(value: float | str, reference: float) -> list[str]:
+    """The correctness rule alone: [] when the answer (a number, or an answer text whose format already
+    passed) equals the reference.
+
+    >>> wrong_answer_reasons("<think> so </think> <answer> 7 </answer>", 8)
+    ['wrong answer: 7 (reference 8)']
+    """
+    if isinstance(value, str):
+        value, why = parse_tagged_answer(value)
+        if why is not None:
+            return [why]
+    if abs(value - float(reference)) <= 1e-9:
+        return []
+    shown = int(value) if value == int(value) else value
+    ref = int(reference) if float(reference) == int(float(reference)) else reference
+    return [f"wrong answer: {shown} (reference {ref})"]
 
 
 def generate_cot_prompts(count: int, seed: int) -> list[dict]:
