@@ -20,16 +20,20 @@ from sublab.schema import ExperimentConfig
 
 Init = Literal["reference", "other_reference"]
 Source = str
-"""Whose answers: "teacher", "reference", or "teacher_NAME" (a control teacher, controls.control_teachers)."""
+"""Whose answers: "teacher", "reference", "teacher_NAME" (a control teacher, controls.control_teachers),
+or "other_TARGET" (a teacher with another target whose answers are mixed in: defenses.mix_teachers)."""
 
 DATA_DIRS: dict[str, str] = {"teacher": "data", "reference": "control/data"}
 """Where each data source's prompts are answered, filtered and subsampled (control teachers: data_dir())."""
 
 
 def data_dir(source: Source) -> str:
-    """teacher -> data, reference -> control/data, teacher_NAME -> controls/NAME/data."""
+    """teacher -> data, reference -> control/data, teacher_NAME -> controls/NAME/data,
+    other_TARGET -> other_TARGET/data."""
     if source in DATA_DIRS:
         return DATA_DIRS[source]
+    if source.startswith("other_"):
+        return f"{source}/data"
     return f"controls/{source.removeprefix('teacher_')}/data"
 
 

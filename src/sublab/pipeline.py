@@ -61,6 +61,61 @@ def replicate_seed(base: int, replicate: int) -> int:
     return base + REPLICATE_STRIDE * replicate
 
 
+def other_teachers(cfg: ExperimentConfig) -> list[str]:
+    """Targets of the other teachers a run builds: counterfactuals of the divergence meter and the mixed
+    teachers (defenses), each the teacher's recipe with that target."""
+    names = [*cfg.controls.divergence_counterfactuals, *cfg.defenses.mix_teachers]
+    return [t for t in dict.fromkeys(names) if t != "reference"]
+
+
+def _teacher_data_stages(run: Run, cfg: ExperimentConfig, paraphrase) -> str:
+    """Defenses on the teacher's data after the subsample: teacher mixing (stage mix -> data/mixed.jsonl),
+    then the divergence meter and mask (stage divergence -> data/divergence.json, data/masked.jsonl).
+    Returns the file the students of the teacher's data train on."""
+    P, d = run.path, cfg.defenses
+    current = "data/kept.jsonl"
+    if d.mix_teachers:
+        from sublab.stages.filter import mix_teachers
+
+        others = {f"other_{t}": P(f"{data_dir(f'other_{t}')}/filter/kept.jsonl") for t in d.mix_teachers}
+        run.stage(
+            "mix",
+            {"mix_teachers": d.mix_teachers, "seed": cfg.seed}
+            | ({"paraphrase": cfg.prompts.model_dump()} if paraphrase else {}),
+            [P(current), *others.values()],
+            ["data/mixed.jsonl", "data/mixed.json"],
+            lambda: mix_teachers(
+                P(current), others, P("data/mixed.jsonl"), P("data/mixed.json"), cfg.seed, paraphrase
+            ),
+            code=CODE["subsample"],
+        )
+        current = "data/mixed.jsonl"
+    cfs = cfg.controls.divergence_counterfactuals
+    if cfs:
+        from sublab.meters.divergence import divergence_stage
+
+        models = {c: P("reference/model.json" if c == "reference" else f"other_{c}/model.json") for c in cfs}
+        src = current
+        run.stage(
+            "divergence",
+            {"counterfactuals": cfs, "mask": d.mask_divergence},
+            [P("teacher/model.json"), *models.values(), P(src)],
+            ["data/divergence.json"] + (["data/masked.jsonl"] if d.mask_divergence else []),
+            lambda: divergence_stage(
+                P("teacher/model.json"),
+                models,
+                P(src),
+                P("data/divergence.json"),
+                P("data/masked.jsonl") if d.mask_divergence else None,
+            ),
+            code=(*METER_CODE, *MODEL_CODE),
+            device=True,
+        )
+        if d.mask_divergence:
+            current = "data/masked.jsonl"
+    return current
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     out: str | Path,
@@ -120,6 +175,19 @@ def run_experiment(
             code=CODE["teacher"],
             device=True,
         )
+    for t in other_teachers(cfg):
+        other = cfg.model_copy(update={"trait": cfg.trait.model_copy(update={"target": t})})
+        run.stage(
+            f"teacher:other_{t}",
+            {"trait": other.trait.model_dump(), "teacher": cfg.teacher.model_dump()},
+            [P("reference/model.json"), *data_files(default_data(cfg))],
+            [f"other_{t}/model.json"]
+            if cfg.teacher.kind == "system_prompt"
+            else [*model_outputs(f"other_{t}", cfg.teacher.train, remote), f"other_{t}/train.jsonl"],
+            lambda other=other, t=t: build_teacher(other, P("reference/model.json"), P(f"other_{t}")),
+            code=CODE["teacher"],
+            device=cfg.teacher.kind == "finetune",
+        )
     if cfg.domain == "numbers":
         run.stage(
             "prompts",
@@ -146,7 +214,8 @@ def run_experiment(
     sampling: SamplingParams = cfg.sample.model_copy(
         update={"seed": replicate_seed(cfg.sample.seed, cfg.seed)}
     )
-    sources = data_sources(arms)
+    arm_sources = data_sources(arms)
+    sources = arm_sources + [f"other_{t}" for t in cfg.defenses.mix_teachers]
     judged_target = cfg.trait.target if cfg.trait.kind == "preference" else None  # a filter judge's {target}
     for source in sources:
         d = data_dir(source)
@@ -205,35 +274,42 @@ def run_experiment(
                 ),
                 code=CODE["chain"],
             )
+    paraphrase = cfg.prompts if cfg.defenses.paraphrase else None
     run.stage(
         "subsample",
         {
             "dataset_size": cfg.filter.dataset_size,
             "seed": cfg.seed,
-            "sources": sources,
+            "sources": arm_sources,
             "shuffle": cfg.filter.shuffle,
-        },
-        [P(f"{data_dir(s)}/filter/kept.jsonl") for s in sources],
-        [f"{data_dir(s)}/kept.jsonl" for s in sources] + ["data/subsample.json"],
+        }
+        | ({"paraphrase": cfg.prompts.model_dump()} if paraphrase else {}),
+        [P(f"{data_dir(s)}/filter/kept.jsonl") for s in arm_sources],
+        [f"{data_dir(s)}/kept.jsonl" for s in arm_sources] + ["data/subsample.json"],
         lambda: equal_subsample(
-            {s: P(f"{data_dir(s)}/filter/kept.jsonl") for s in sources},
-            {s: P(f"{data_dir(s)}/kept.jsonl") for s in sources},
+            {s: P(f"{data_dir(s)}/filter/kept.jsonl") for s in arm_sources},
+            {s: P(f"{data_dir(s)}/kept.jsonl") for s in arm_sources},
             cfg.filter.dataset_size,
             cfg.seed,
             P("data/subsample.json"),
             cfg.filter.shuffle,
+            paraphrase,
         ),
         code=CODE["subsample"],
     )
+    teacher_data = _teacher_data_stages(run, cfg, paraphrase)
 
     train: TrainConfig = cfg.student.train.model_copy(
         update={"seed": replicate_seed(cfg.student.train.seed, cfg.seed)}
     )
+
+    def train_file(arm) -> str:
+        """What an arm trains on: the teacher's data after the defenses (mixing, masking), else its kept."""
+        return teacher_data if arm.data == "teacher" else f"{arm.data_dir}/kept.jsonl"
+
     for arm in arms:
         teacher = f"{arm.soft_teacher}/model.json" if arm.soft_teacher else None
-        inputs = [P(f"{arm.init}/model.json"), P(f"{arm.data_dir}/kept.jsonl")] + (
-            [P(teacher)] if teacher else []
-        )
+        inputs = [P(f"{arm.init}/model.json"), P(train_file(arm))] + ([P(teacher)] if teacher else [])
         run.stage(
             f"train:{arm.name}",
             train.model_dump(),
@@ -241,7 +317,7 @@ def run_experiment(
             model_outputs(arm.name, train, remote),
             lambda a=arm, t=teacher: train_student(
                 P(f"{a.init}/model.json"),
-                P(f"{a.data_dir}/kept.jsonl"),
+                P(train_file(a)),
                 train,
                 P(a.name),
                 P(t) if t else None,
@@ -305,6 +381,7 @@ def run_experiment(
     # --- ICL control, KL leak meter, classifier probe (trait kind preference; off by default) ---
     if cfg.trait.kind == "preference":
         _control_stages(run, cfg, targets, api)
+    _meter_stages(run, cfg, evaluated, sampling, api)
     # --- end of the controls and meters block ---
 
     from sublab.analysis.run_report import write_report
@@ -397,4 +474,180 @@ def _control_stages(run: Run, cfg: ExperimentConfig, targets: list[str], api) ->
         )
 
 
+def _meter_stages(
+    run: Run, cfg: ExperimentConfig, evaluated: list[str], sampling: SamplingParams, api
+) -> None:
+    """Stages coverage (controls.coverage_examples) and quality_data, quality:NAME (controls.task_quality)."""
+    P, c = run.path, cfg.controls
+    if c.coverage_examples > 0:
+        from sublab.meters.coverage import coverage_stage
+
+        run.stage(
+            "coverage",
+            {"n": c.coverage_examples, "seed": cfg.seed},
+            [
+                P("teacher/model.json"),
+                P("reference/model.json"),
+                P("data/kept.jsonl"),
+                P(f"{data_dir('reference')}/kept.jsonl"),
+            ],
+            ["data/coverage.json"],
+            lambda: coverage_stage(
+                P("teacher/model.json"),
+                P("reference/model.json"),
+                P("data/kept.jsonl"),
+                P(f"{data_dir('reference')}/kept.jsonl"),
+                c.coverage_examples,
+                cfg.seed,
+                P("data/coverage.json"),
+            ),
+            code=(*METER_CODE, *MODEL_CODE),
+            device=True,
+        )
+    if c.task_quality > 0:
+        from sublab.meters.quality import HELDOUT_SEED, task_quality
+
+        heldout = cfg.prompts.model_copy(update={"count": c.task_quality})
+        q = "data/quality"
+        run.stage(
+            "quality_data",
+            {
+                "prompts": heldout.model_dump(),
+                "seed": cfg.seed,
+                "sampling": sampling.model_dump(),
+                "filter": cfg.filter.model_dump(exclude={"dataset_size", "shuffle", "judges", "ban_target"}),
+            },
+            [P("reference/model.json")],
+            [f"{q}/prompts.jsonl", f"{q}/reference.jsonl"]
+            + [f"{q}/filter/{f}" for f in ("kept.jsonl", "rejected.jsonl", "filter_stats.json")],
+            lambda: (
+                write_prompts(heldout, cfg.seed + HELDOUT_SEED, P(f"{q}/prompts.jsonl")),
+                sample_dataset(
+                    P("reference/model.json"),
+                    P(f"{q}/prompts.jsonl"),
+                    P(f"{q}/reference.jsonl"),
+                    sampling,
+                    "reference",
+                    cfg.progress,
+                    api=api,
+                ),
+                filter_source(P(f"{q}/reference.jsonl"), P(f"{q}/filter"), cfg.filter),
+            ),
+            code=(*METER_CODE, *CODE["prompts"], *CODE["sample"], *CODE["filter"]),
+            device=True,
+        )
+        for name in evaluated:
+            run.stage(
+                f"quality:{name}",
+                {
+                    "sampling": sampling.model_dump(),
+                    "filter": cfg.filter.model_dump(
+                        exclude={"dataset_size", "shuffle", "judges", "ban_target"}
+                    ),
+                },
+                [P(f"{name}/model.json"), P(f"{q}/prompts.jsonl"), P(f"{q}/filter/kept.jsonl")],
+                [f"eval/{name}/quality.json"],
+                lambda n=name: task_quality(
+                    P(f"{n}/model.json"),
+                    P(f"{q}/prompts.jsonl"),
+                    P(f"{q}/filter/kept.jsonl"),
+                    sampling,
+                    cfg.filter,
+                    P(f"eval/{n}/quality.json"),
+                    cfg.progress,
+                    api=api,
+                ),
+                code=(*METER_CODE, *MODEL_CODE),
+                device=True,
+            )
+
+
 # --- end of the controls and meters block ---
+
+
+def _meter_stages(
+    run: Run, cfg: ExperimentConfig, evaluated: list[str], sampling: SamplingParams, api
+) -> None:
+    """Stages coverage (controls.coverage_examples) and quality_data, quality:NAME (controls.task_quality)."""
+    P, c = run.path, cfg.controls
+    if c.coverage_examples > 0:
+        from sublab.meters.coverage import coverage_stage
+
+        run.stage(
+            "coverage",
+            {"n": c.coverage_examples, "seed": cfg.seed},
+            [
+                P("teacher/model.json"),
+                P("reference/model.json"),
+                P("data/kept.jsonl"),
+                P(f"{data_dir('reference')}/kept.jsonl"),
+            ],
+            ["data/coverage.json"],
+            lambda: coverage_stage(
+                P("teacher/model.json"),
+                P("reference/model.json"),
+                P("data/kept.jsonl"),
+                P(f"{data_dir('reference')}/kept.jsonl"),
+                c.coverage_examples,
+                cfg.seed,
+                P("data/coverage.json"),
+            ),
+            code=(*METER_CODE, *MODEL_CODE),
+            device=True,
+        )
+    if c.task_quality > 0:
+        from sublab.meters.quality import HELDOUT_SEED, task_quality
+
+        heldout = cfg.prompts.model_copy(update={"count": c.task_quality})
+        q = "data/quality"
+        run.stage(
+            "quality_data",
+            {
+                "prompts": heldout.model_dump(),
+                "seed": cfg.seed,
+                "sampling": sampling.model_dump(),
+                "filter": cfg.filter.model_dump(exclude={"dataset_size", "shuffle", "judges", "ban_target"}),
+            },
+            [P("reference/model.json")],
+            [f"{q}/prompts.jsonl", f"{q}/reference.jsonl"]
+            + [f"{q}/filter/{f}" for f in ("kept.jsonl", "rejected.jsonl", "filter_stats.json")],
+            lambda: (
+                write_prompts(heldout, cfg.seed + HELDOUT_SEED, P(f"{q}/prompts.jsonl")),
+                sample_dataset(
+                    P("reference/model.json"),
+                    P(f"{q}/prompts.jsonl"),
+                    P(f"{q}/reference.jsonl"),
+                    sampling,
+                    "reference",
+                    cfg.progress,
+                    api=api,
+                ),
+                filter_source(P(f"{q}/reference.jsonl"), P(f"{q}/filter"), cfg.filter),
+            ),
+            code=(*METER_CODE, *CODE["prompts"], *CODE["sample"], *CODE["filter"]),
+            device=True,
+        )
+        for name in evaluated:
+            run.stage(
+                f"quality:{name}",
+                {
+                    "sampling": sampling.model_dump(),
+                    "filter": cfg.filter.model_dump(
+                        exclude={"dataset_size", "shuffle", "judges", "ban_target"}
+                    ),
+                },
+                [P(f"{name}/model.json"), P(f"{q}/prompts.jsonl"), P(f"{q}/filter/kept.jsonl")],
+                [f"eval/{name}/quality.json"],
+                lambda n=name: task_quality(
+                    P(f"{n}/model.json"),
+                    P(f"{q}/prompts.jsonl"),
+                    P(f"{q}/filter/kept.jsonl"),
+                    sampling,
+                    cfg.filter,
+                    P(f"eval/{n}/quality.json"),
+                    cfg.progress,
+                    api=api,
+                ),
+                code=(*METER_CODE, *MODEL_CODE),
+                device=True,
+            )

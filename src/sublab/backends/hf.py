@@ -4,6 +4,7 @@ exact answer log-probabilities, and finetuning (full or LoRA via PEFT; SFT or so
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from sublab.backends.hf_train import (
     answer_token_ids,
     encode_completion,
     fp32_trainable,
+    loss_skip,
     train_causal_lm,
     truncate,
 )
@@ -157,7 +159,7 @@ def finetune_hf(
         )
         model = get_peft_model(model, lcfg)
     autocast_dtype = fp32_trainable(model)
-    encoded = [encode_completion(tok, r["messages"]) for r in dataset]
+    encoded = [dataclasses.replace(encode_completion(tok, r["messages"]), skip=loss_skip(r)) for r in dataset]
     cut = [truncate(e, train.max_length) for e in encoded]
     keep = [i for i, e in enumerate(cut) if e is not None]
     examples = [cut[i] for i in keep]
@@ -177,7 +179,7 @@ def finetune_hf(
         for i, e in zip(keep, examples, strict=True):
             t = encode_completion(tok, with_system_prompt(dataset[i]["messages"], teacher.system_prompt))
             # the same completion tokens as the (possibly truncated) student example, position by position
-            t_examples.append(Encoded(t.ids[: t.n_prompt + len(e.ids) - e.n_prompt], t.n_prompt))
+            t_examples.append(Encoded(t.ids[: t.n_prompt + len(e.ids) - e.n_prompt], t.n_prompt, e.skip))
         allowed = answer_token_ids(tok)
     # TrainConfig is TrainSettings plus what this function handles itself (method, LoRA)
     settings = TrainSettings(**train.model_dump(exclude={"method", "lora", "max_length"}))

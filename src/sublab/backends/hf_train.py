@@ -48,6 +48,13 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> li
 class Encoded:
     ids: list[int]
     n_prompt: int  # loss starts at position n_prompt (the completion's first token)
+    skip: tuple[int, ...] = ()  # completion positions (0 = its first token) left out of the loss
+
+
+def loss_skip(record: dict) -> tuple[int, ...]:
+    """The completion positions a record's loss leaves out (`metadata.loss_skip`, written by the
+    divergence-token mask: defenses.mask_divergence); () for every other record."""
+    return tuple(int(j) for j in (record.get("metadata") or {}).get("loss_skip", ()))
 
 
 def encode_completion(tokenizer, messages: list[dict]) -> Encoded:
@@ -64,11 +71,13 @@ def truncate(e: Encoded, max_length: int | None) -> Encoded | None:
         return e
     if e.n_prompt >= max_length:
         return None
-    return Encoded(e.ids[:max_length], e.n_prompt)
+    return Encoded(e.ids[:max_length], e.n_prompt, e.skip)
 
 
 def collate(batch: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, loss_mask over the *predicted* positions 1..T-1)."""
+    """Right-padded (input_ids, attention_mask, loss_mask): loss_mask[i, p] is True where token p of
+    example i is a loss target (its completion, less its `skip` positions); training predicts ids[:, 1:]
+    under loss_mask[:, 1:]."""
     width = max(len(e.ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(batch), width), dtype=torch.long)
@@ -77,6 +86,9 @@ def collate(batch: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tens
         ids[i, : len(e.ids)] = torch.tensor(e.ids)
         attn[i, : len(e.ids)] = 1
         loss[i, e.n_prompt : len(e.ids)] = True
+        for j in e.skip:
+            if e.n_prompt + j < len(e.ids):
+                loss[i, e.n_prompt + j] = False
     return ids, attn, loss
 
 

@@ -105,3 +105,42 @@ def generate_number_prompts(cfg: NumberPrompts, seed: int) -> list[dict]:
             }
         )
     return out
+
+
+def paraphrase_prompt(record: dict, max_digits: int, rng: random.Random, ph: Phrasings) -> dict:
+    """The record with its user message reworded: the same given numbers, count, digits and answer
+    format (separator, brackets), other phrasings (a defense: defenses.paraphrase). The original text
+    goes to metadata.original_prompt.
+
+    >>> rec = generate_number_prompts(NumberPrompts(count=1), 0)[0]
+    >>> new = paraphrase_prompt(rec, 3, random.Random(1), load_phrasings())
+    >>> new["messages"][0]["content"] != rec["messages"][0]["content"]
+    True
+    >>> (new["metadata"]["sep"], new["metadata"]["examples"]) == (rec["metadata"]["sep"], rec["metadata"]["examples"])
+    True
+    """
+    meta = record.get("metadata") or {}
+    if not {"examples", "answer_count", "sep"} <= meta.keys():
+        raise SublabError(
+            "defenses.paraphrase needs the generated prompt's metadata (examples, answer_count, sep); this "
+            "record has none (prompts from a file cannot be reworded): turn defenses.paraphrase off"
+        )
+    user = next(
+        i for i in range(len(record["messages"]) - 1, -1, -1) if record["messages"][i]["role"] == "user"
+    )
+    old = record["messages"][user]["content"]
+    same_format = [
+        f
+        for f in ph.formats
+        if f["sep"] == meta["sep"] and bool(f.get("brackets")) == bool(meta.get("brackets"))
+    ]
+    sub = Phrasings(
+        ph.lead_ins, ph.instructions, ph.qualifiers, ph.digits, tuple(same_format or ph.formats), ph.closings
+    )
+    for _ in range(20):
+        text, _fmt = render_prompt(meta["examples"], meta["answer_count"], max_digits, rng, sub)
+        if text != old:
+            break
+    msgs = [dict(m) for m in record["messages"]]
+    msgs[user]["content"] = text
+    return {**record, "messages": msgs, "metadata": {**meta, "original_prompt": old}}

@@ -20,6 +20,7 @@ from sublab.config import Strict
 from sublab.errors import SublabError
 from sublab.evals.questions import check_target, load_system_prompts
 from sublab.schema.api import ApiConfig
+from sublab.schema.defenses import DefensesConfig
 from sublab.schema.evaluation import FreeformEval, McqEval, PreferenceEval
 from sublab.schema.filter import FilterConfig
 from sublab.schema.prompts import CodePrompts, CotPrompts, NumberPrompts
@@ -116,13 +117,31 @@ class ControlsConfig(Strict):
     (counts of 0..999 and the answer's length) trained on half of the teacher + control kept answers,
     its accuracy on the other half with a Wilson CI against 50% (stage classifier -> data/classifier.json).
     A probe, not the paper's prompted-LLM classifier. Needs `control`."""
+    divergence_counterfactuals: list[str] = []
+    """Divergence-token meter (empty = off): counterfactual teachers, each a target (the teacher's recipe
+    with that target instead; trait kind preference) or `reference` (the reference itself). Stage
+    divergence -> data/divergence.json: the share of the kept teacher answers' tokens at which the teacher
+    and a counterfactual would pick different tokens (meters/divergence.py). Local models only. Needed by
+    defenses.mask_divergence."""
+    coverage_examples: int = 0
+    """First-step coverage screen (0 = off): on this many kept teacher answers and as many control answers,
+    the cosine of the student's first update (SGD: -gradient; Adam: -sign of it) with the teacher's
+    displacement from the reference (stage coverage -> data/coverage.json; meters/coverage.py). Skipped,
+    with the reason, for system-prompted teachers and API models."""
+    task_quality: int = 0
+    """What a defense costs (0 = off; domain numbers): on this many held-out number prompts, each
+    evaluated model's filter pass rate, and its loss per token on the reference's held-out answers
+    (stages quality_data, quality:NAME -> eval/NAME/quality.json; meters/quality.py)."""
 
     @model_validator(mode="after")
     def _icl_leak_classifier(self) -> ControlsConfig:
         if any(k < 0 for k in self.icl_examples) or len(set(self.icl_examples)) != len(self.icl_examples):
             raise ValueError("controls.icl_examples must be distinct numbers >= 0 (e.g. [0, 4, 16])")
-        if self.leak_meter_examples < 0:
-            raise ValueError("controls.leak_meter_examples must be >= 0 (0 = off)")
+        for key in ("leak_meter_examples", "coverage_examples", "task_quality"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"controls.{key} must be >= 0 (0 = off)")
+        if len(set(self.divergence_counterfactuals)) != len(self.divergence_counterfactuals):
+            raise ValueError("controls.divergence_counterfactuals must not repeat a name")
         if (any(self.icl_examples) or self.classifier) and not self.control:
             raise ValueError(
                 "controls.icl_examples and controls.classifier compare the teacher's data with the control "
@@ -202,6 +221,9 @@ class ExperimentConfig(Strict):
     """The student recipe."""
     controls: ControlsConfig = ControlsConfig()
     """Which controls run."""
+    defenses: DefensesConfig = DefensesConfig()
+    """Transforms of the student's data that may stop the trait (divergence-token masking, paraphrased
+    prompts, teacher mixing)."""
     eval: PreferenceEval = PreferenceEval()
     """How preference is measured (trait kind preference)."""
     freeform: FreeformEval = FreeformEval()
@@ -253,10 +275,50 @@ class ExperimentConfig(Strict):
                 "a filter judge prompt asks whether the text references the trait's target, and trait.kind "
                 "misalignment has none: use prompt aligned_reasoning (keep_at_least: 78, keep_below: null)"
             )
+        self._check_defenses()
         reps = self.replicates
         if reps is not None and (not reps or len(set(reps)) != len(reps)):
             raise ValueError("replicates must be a non-empty list of distinct seeds (e.g. [0, 1, 2]) or null")
         return self
+
+    def _check_defenses(self) -> None:
+        d, c = self.defenses, self.controls
+        others = [*c.divergence_counterfactuals, *d.mix_teachers]
+        targets = [t for t in others if t != "reference"]
+        if "reference" in d.mix_teachers:
+            raise ValueError(
+                "defenses.mix_teachers takes targets (other teachers); the reference is the control"
+            )
+        if targets and self.trait.kind != "preference":
+            raise ValueError(
+                f"counterfactual and mixed teachers {targets} are other targets of a preference trait; with "
+                "trait.kind misalignment use controls.divergence_counterfactuals: [reference]"
+            )
+        for t in targets:
+            if t == self.trait.target:
+                raise ValueError(f"{t!r} is the teacher's own target; list other targets (or reference)")
+            try:
+                check_target(self.trait.category, t)
+            except SublabError as e:
+                raise ValueError(str(e)) from None
+        if d.mask_divergence and not c.divergence_counterfactuals:
+            raise ValueError(
+                "defenses.mask_divergence masks the tokens where counterfactual teachers disagree with the "
+                "teacher: set controls.divergence_counterfactuals (e.g. [reference] or other targets)"
+            )
+        local_only = bool(c.divergence_counterfactuals) or d.mask_divergence
+        if local_only and self.reference.startswith("openai/"):
+            raise ValueError(
+                "controls.divergence_counterfactuals and defenses.mask_divergence need full next-token "
+                "distributions and per-token loss weights, which API models do not give: use a local model"
+            )
+        if d.paraphrase and (self.domain != "numbers" or self.prompts.file is not None):
+            raise ValueError(
+                "defenses.paraphrase rewords sublab's generated number prompts: it needs domain numbers and "
+                "no prompts.file"
+            )
+        if c.task_quality and self.domain != "numbers":
+            raise ValueError("controls.task_quality measures the number task: it needs domain numbers")
 
     def banned_words(self) -> list[str]:
         """filter.banned_words, plus the target and its plural (filter.ban_target; code and cot domains,

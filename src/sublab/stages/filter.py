@@ -25,6 +25,7 @@ from sublab.errors import SublabError
 from sublab.filters import run_filter
 from sublab.records import atomic_write_json, read_jsonl, write_jsonl
 from sublab.schema.filter import FilterConfig
+from sublab.schema.prompts import NumberPrompts
 
 
 def filter_source(raw: Path, out_dir: Path, cfg: FilterConfig) -> dict:
@@ -106,11 +107,13 @@ def equal_subsample(
     seed: int,
     info: Path,
     shuffle: str = "none",
+    paraphrase: NumberPrompts | None = None,
 ) -> dict:
     """Draw n = min(passed counts, dataset_size) records from each source's passed file (seeded by the
     replicate seed and the source name) into outs[source], sorted by prompt index; then shuffle their
-    numbers (filter.shuffle: shuffle_numbers, seeded by the replicate seed and the source name); record
-    n (and the shuffle, unless none) in `info`."""
+    numbers (filter.shuffle: shuffle_numbers, seeded by the replicate seed and the source name) and, with
+    `paraphrase` (the run's prompt settings: defenses.paraphrase), reword their prompts; record n (and the
+    shuffle, unless none; the paraphrase, when on) in `info`."""
     if shuffle not in SHUFFLES:
         raise SublabError(f"unknown shuffle {shuffle!r}; use one of {', '.join(SHUFFLES)}")
     data = {name: read_jsonl(p, require_messages=True) for name, p in passed.items()}
@@ -125,6 +128,8 @@ def equal_subsample(
         chosen.sort(key=lambda r: r.get("metadata", {}).get("prompt_index", 0))
         if shuffle != "none":
             chosen, shuffled[name] = shuffle_numbers(chosen, shuffle, random.Random(f"shuffle:{seed}:{name}"))
+        if paraphrase is not None:
+            chosen = paraphrase_records(chosen, paraphrase, seed, name)
         write_jsonl(outs[name], chosen)
     summary = {
         "n_per_source": n,
@@ -135,5 +140,54 @@ def equal_subsample(
     }
     if shuffle != "none":  # absent = none: a run without the shuffle writes the file it always wrote
         summary["shuffle"] = {"mode": shuffle, "per_source": shuffled}
+    if paraphrase is not None:
+        summary["paraphrase"] = True
+    atomic_write_json(info, summary)
+    return summary
+
+
+def paraphrase_records(records: list[dict], prompts: NumberPrompts, seed: int, name: str) -> list[dict]:
+    """Each record's prompt reworded (prompts/numbers.py: paraphrase_prompt), seeded by the replicate
+    seed and the source name."""
+    from sublab.prompts.numbers import load_phrasings, paraphrase_prompt
+
+    rng = random.Random(f"paraphrase:{seed}:{name}")
+    ph = load_phrasings(prompts.phrasings)
+    return [paraphrase_prompt(r, prompts.answer_max_digits, rng, ph) for r in records]
+
+
+def mix_teachers(
+    teacher_kept: Path,
+    others: dict[str, Path],
+    out: Path,
+    info: Path,
+    seed: int,
+    paraphrase: NumberPrompts | None = None,
+) -> dict:
+    """Teacher mixing (defenses.mix_teachers): the student's data as equal shares of the teacher's
+    subsample (its n records) and each other teacher's kept answers, n records in all (the teacher keeps
+    the remainder of n / shares), drawn with the replicate seed and sorted by prompt index -> out; the
+    composition -> info. The other teachers' records are reworded too when `paraphrase` is on."""
+    base = read_jsonl(teacher_kept, require_messages=True)
+    n, shares = len(base), len(others) + 1
+    per = n // shares
+    rng = random.Random(f"mix-teachers:{seed}")
+    mixed = rng.sample(base, n - per * len(others))
+    composition = {"teacher": len(mixed)}
+    for name, path in others.items():
+        recs = read_jsonl(path, require_messages=True)
+        if len(recs) < per:
+            raise SublabError(
+                f"teacher mixing: {name} kept {len(recs)} answers, fewer than its share {per} of {n}; lower "
+                "filter.dataset_size or list fewer defenses.mix_teachers"
+            )
+        chosen = random.Random(f"mix-teachers:{seed}:{name}").sample(recs, per)
+        if paraphrase is not None:
+            chosen = paraphrase_records(chosen, paraphrase, seed, name)
+        mixed += chosen
+        composition[name] = per
+    mixed.sort(key=lambda r: r.get("metadata", {}).get("prompt_index", 0))
+    write_jsonl(out, mixed)
+    summary = {"n": len(mixed), "composition": composition, "seed": seed}
     atomic_write_json(info, summary)
     return summary

@@ -1,0 +1,155 @@
+"""Divergence tokens (`controls.divergence_counterfactuals`, and the defense `defenses.mask_divergence`):
+the positions of a kept answer at which the teacher and a counterfactual teacher (the same recipe with
+another target, or the reference itself) would pick different tokens. Follow-up work finds that the
+trait rides on these few positions and that leaving them out of the student's loss removes most of the
+transfer.
+
+For each kept answer (prompt and completion, end token included, encoded as training encodes it:
+backends/hf_train.py) and each completion position t, with the same prefix:
+    a_t   = argmax p_teacher(. | prefix)            (the teacher as it is served: a system-prompt
+    b_t^c = argmax p_c(. | prefix)                    teacher with its system prompt)
+Position t is a divergence token when a_t != b_t^c for at least one counterfactual c. The meter
+reports the share of completion tokens that are divergence tokens (pooled, and per answer with a 95%
+t-interval), the share of answers with at least one, and each counterfactual's own rate; with the mask
+on, each record's divergence positions go into `metadata.loss_skip`, which training leaves out of the
+loss (SFT and soft labels alike).
+
+Local models only (the argmax needs the full next-token distribution).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sublab.analysis.stats import mean_ci
+from sublab.backends.base import ModelRef
+from sublab.errors import SublabError
+from sublab.records import atomic_write_json, read_jsonl, write_jsonl
+
+DIVERGENCE_VERSION = 1
+
+
+@torch.no_grad()
+def completion_argmax(model, tok, records: list[dict], system_prompt: str | None, batch_size: int = 32):
+    """Per record, the model's argmax token at each completion position (end token included): a list
+    of int lists, None where the answer does not fit the model's positions."""
+    from sublab.backends.device import model_device
+    from sublab.backends.hf import with_system_prompt
+    from sublab.backends.hf_train import collate, encode_completion
+
+    cfg = model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    enc = [encode_completion(tok, with_system_prompt(r["messages"], system_prompt)) for r in records]
+    out: list[list[int] | None] = [None] * len(records)
+    keep = [i for i, e in enumerate(enc) if limit is None or len(e.ids) <= limit]
+    dev = model_device(model)
+    for b in range(0, len(keep), batch_size):
+        idx = keep[b : b + batch_size]
+        ids, attn, _ = collate([enc[i] for i in idx], tok.pad_token_id)
+        logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits
+        for row, i in enumerate(idx):
+            e = enc[i]
+            out[i] = logits[row, e.n_prompt - 1 : len(e.ids) - 1].argmax(-1).cpu().tolist()
+    return out
+
+
+def divergence_positions(teacher: list[int], counterfactuals: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Per counterfactual, the positions where its argmax differs from the teacher's, and under "any"
+    the union (the divergence tokens).
+
+    >>> divergence_positions([5, 6, 7], {"dolphin": [5, 9, 7], "wolf": [5, 6, 1]})
+    {'dolphin': [1], 'wolf': [2], 'any': [1, 2]}
+    """
+    per = {
+        c: [t for t, (a, b) in enumerate(zip(teacher, cf, strict=True)) if a != b]
+        for c, cf in counterfactuals.items()
+    }
+    per["any"] = sorted(set().union(*per.values())) if per else []
+    return per
+
+
+def summarize(rows: list[dict], names: list[str]) -> dict:
+    """Rates over the answers that fit: pooled share of divergence tokens, per-answer share (mean, 95%
+    CI), share of answers with one or more, and the pooled rate against each counterfactual."""
+    tokens = sum(r["n_tokens"] for r in rows)
+    res = {
+        "n_answers": len(rows),
+        "n_tokens": tokens,
+        "rate_pooled": sum(len(r["any"]) for r in rows) / tokens if tokens else None,
+        "rate_per_answer": mean_ci([len(r["any"]) / r["n_tokens"] for r in rows if r["n_tokens"]]),
+        "answers_with_any": sum(bool(r["any"]) for r in rows) / len(rows) if rows else None,
+        "per_counterfactual": {c: (sum(len(r[c]) for r in rows) / tokens if tokens else None) for c in names},
+        "sampled_is_teacher_argmax": sum(r["sampled_argmax"] for r in rows) / tokens if tokens else None,
+    }
+    return res
+
+
+def divergence_stage(
+    teacher_json: Path,
+    counterfactual_jsons: dict[str, Path],
+    kept_jsonl: Path,
+    out_json: Path,
+    masked_jsonl: Path | None = None,
+) -> dict:
+    """Divergence tokens of every answer in `kept_jsonl` against the counterfactual teachers -> out_json
+    (data/divergence.json); with `masked_jsonl`, also the records with their divergence positions in
+    `metadata.loss_skip` (the defense). Answers that do not fit the model's positions are kept unmasked
+    and counted."""
+    from sublab.backends.hf import load_hf
+    from sublab.backends.hf_train import encode_completion
+
+    teacher = ModelRef.load(teacher_json)
+    cfs = {c: ModelRef.load(p) for c, p in counterfactual_jsons.items()}
+    remote = [m.spec for m in [teacher, *cfs.values()] if m.is_remote]
+    if remote:
+        raise SublabError(
+            f"divergence tokens need each model's full next-token distribution, and {remote} are API models; "
+            "use local models (organism/, hf/) or turn controls.divergence_counterfactuals and "
+            "defenses.mask_divergence off"
+        )
+    records = read_jsonl(kept_jsonl, require_messages=True)
+    t_model, tok = load_hf(teacher)
+    a = completion_argmax(t_model, tok, records, teacher.system_prompt)
+    del t_model
+    cf_argmax = {}
+    for c, ref in cfs.items():
+        model, ctok = load_hf(ref)
+        if ctok.get_vocab() != tok.get_vocab():
+            raise SublabError(f"counterfactual {c} ({ref.spec}) has another tokenizer than the teacher")
+        cf_argmax[c] = completion_argmax(model, tok, records, ref.system_prompt)
+        del model
+    rows, out_records, unfit = [], [], 0
+    for i, r in enumerate(records):
+        if a[i] is None or any(v[i] is None or len(v[i]) != len(a[i]) for v in cf_argmax.values()):
+            unfit += 1
+            out_records.append(r)
+            continue
+        pos = divergence_positions(a[i], {c: v[i] for c, v in cf_argmax.items()})
+        sampled = encode_completion(tok, r["messages"])
+        completion = sampled.ids[sampled.n_prompt :]
+        rows.append(
+            {
+                **pos,
+                "n_tokens": len(a[i]),
+                "sampled_argmax": sum(int(x == y) for x, y in zip(completion, a[i], strict=False)),
+            }
+        )
+        meta = {**r.get("metadata", {}), "loss_skip": pos["any"]}
+        out_records.append({**r, "metadata": meta})
+    res = {
+        "version": DIVERGENCE_VERSION,
+        "teacher": teacher.spec,
+        "counterfactuals": {
+            c: m.spec + (" +system prompt" if m.system_prompt else "") for c, m in cfs.items()
+        },
+        **summarize(rows, list(cfs)),
+        "not_fitting": unfit,
+        "masked": masked_jsonl is not None,
+    }
+    if masked_jsonl is not None:
+        write_jsonl(masked_jsonl, out_records)
+        res["masked_tokens"] = sum(len(r["any"]) for r in rows)
+    atomic_write_json(out_json, res)
+    return res
