@@ -101,6 +101,21 @@ class DistillConfig(Strict):
     set), regenerated batch by batch from a seed so they never sit in memory at once; false: fresh noise
     in every batch."""
 
+    project_out: Literal["none", "teacher_displacement", "digit_gradient"] = "none"
+    """A defense (sublab/mnist/projection.py): at every step remove from each student's gradient (flattened
+    over all its parameters, per ensemble member) its component along a direction, before Adam sees it.
+    none: plain distillation (the paper); teacher_displacement: theta_teacher - theta_init of the student's
+    teacher (the direction the theorem says the student's step is aligned with); digit_gradient: the
+    gradient of the digit cross-entropy at the student's current parameters on project_batch_size labelled
+    training digits, drawn afresh each step (a defender who holds labelled data). Adam rescales every
+    coordinate, so the applied update is not exactly orthogonal to the direction; results.json and the
+    report give its cosine with the direction (mean over the first 10 steps and over all steps)."""
+
+    project_batch_size: int = Field(256, ge=1)
+    """For project_out=digit_gradient: labelled training digits per step (random, with replacement, shared
+    by all members) on which the digit-loss gradient is taken. Each step then costs one more forward and
+    backward pass of this size."""
+
 
 class TheoremConfig(Strict):
     enabled: bool = True

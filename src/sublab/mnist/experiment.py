@@ -35,6 +35,7 @@ from sublab.mnist import report
 from sublab.mnist.config import MnistConfig
 from sublab.mnist.data import ImageData, load_data
 from sublab.mnist.ensemble import Ensemble, derangement
+from sublab.mnist.projection import GradientProjection
 from sublab.mnist.stats import mean_ci
 from sublab.mnist.theorem import Trajectory, distribution, first_step
 from sublab.mnist.train import (
@@ -44,7 +45,9 @@ from sublab.mnist.train import (
     NoiseInputs,
     accuracy,
     distill,
+    distill_loss,
     image_batches,
+    shared_forward,
     steps_per_epoch,
     train_digits,
 )
@@ -59,6 +62,8 @@ SWEEP_SECTIONS = ("model", "teacher", "distill")
 
 # seed offsets: one stream per purpose, so changing one stage never shifts another's randomness
 _INIT, _TEACHER_BATCHES, _PAIRING, _DISTILL_INPUTS = 0, 1, 2, 3
+_PROJECT_DIGITS, _HELDOUT_NOISE = 4, 5
+HELDOUT_NOISE = 1024  # held-out uniform noise images on which every student's distillation loss is measured
 
 
 # ------------------------------------------------------------------ sweep
@@ -213,6 +218,20 @@ def run_setting(
         n_inputs = n_train  # an epoch over real images is one pass over the training set
         inputs = ImageInputs(x_train, n, dcfg.batch_size, dcfg.epochs, seed_inputs)
     distill_steps = dcfg.epochs * steps_per_epoch(n_inputs, dcfg.batch_size)
+    # the cost side: how well each student matches its teacher's matched logits on held-out noise
+    x_heldout = (
+        torch.rand(HELDOUT_NOISE, data.n_inputs, generator=_gen(cfg.seed, _HELDOUT_NOISE)) * 2 - 1
+    ).to(device)
+    heldout_init = heldout_loss(
+        students, teacher, teacher_of, groups, x_heldout, dcfg.loss, cfg.eval_batch_size
+    )
+    projection = None
+    if dcfg.project_out == "teacher_displacement":
+        projection = GradientProjection.teacher_displacement(reference, teacher, teacher_of)
+    elif dcfg.project_out == "digit_gradient":
+        projection = GradientProjection.digit_gradient(
+            x_train, y_train, dcfg.project_batch_size, _gen(cfg.seed, _PROJECT_DIGITS)
+        )
 
     theorem: dict[str, Any] = {}
     trajectory = None
@@ -238,7 +257,7 @@ def run_setting(
 
     distill_losses = distill(
         students, teacher, teacher_of, groups, inputs, distill_steps, dcfg.lr, dcfg.loss,
-        on_step=trajectory, desc=f"[{label}] students",
+        on_step=trajectory, desc=f"[{label}] students", project=projection,
     )  # fmt: skip
     if trajectory is not None:
         tr = trajectory.result()
@@ -253,6 +272,9 @@ def run_setting(
             for g in groups
         }
     student_seconds = time.perf_counter() - t0
+    heldout_final = heldout_loss(
+        students, teacher, teacher_of, groups, x_heldout, dcfg.loss, cfg.eval_batch_size
+    )
 
     x_test, y_test = tensors["x_test"], tensors["y_test"]
     acc = {
@@ -275,9 +297,43 @@ def run_setting(
             "distill_first": distill_losses[0],
             "distill_last": distill_losses[-1],
         },
+        "heldout_loss": {
+            "n_noise": HELDOUT_NOISE,
+            "loss": dcfg.loss,
+            "arms": {
+                g.name: {
+                    "init": mean_ci(heldout_init[g.start : g.stop].cpu().numpy()),
+                    "final": mean_ci(heldout_final[g.start : g.stop].cpu().numpy()),
+                }
+                for g in groups
+            },
+        },
+        "projection": projection.summary(groups) if projection is not None else {"kind": "none"},
         "seconds": {"teacher": round(teacher_seconds, 3), "students": round(student_seconds, 3)},
         "teacher_reused": teacher_reused,
     }
+
+
+@torch.no_grad()
+def heldout_loss(
+    students: Ensemble,
+    teacher: Ensemble,
+    teacher_of: torch.Tensor,
+    groups: list[LogitGroup],
+    x: torch.Tensor,
+    kind: str,
+    batch_size: int,
+) -> torch.Tensor:
+    """Each student's distillation loss (its own logit group, vs its teacher) on shared inputs x -> (n,).
+
+    The mean over x of the per-batch losses (each a mean over its batch), weighted by batch size."""
+    total = torch.zeros(students.n_models, device=students.device, dtype=torch.float64)
+    idx = teacher_of.to(students.device)
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size]
+        out, target = shared_forward(students, xb), shared_forward(teacher, xb)[idx]
+        total += distill_loss(out, target, groups, kind).double() * len(xb)
+    return total / len(x)
 
 
 def paired_by_teacher(acc: dict) -> dict:

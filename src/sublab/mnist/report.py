@@ -4,7 +4,10 @@
     text = render_markdown(results, figures, run_dir)
 
 Figures: accuracy per arm with 95% CIs (base setting), histograms of cos(d_T, d_S) same-init vs
-cross-init, the first K distillation steps, and accuracy against each swept knob.
+cross-init, the first K distillation steps, accuracy against each swept knob, and, when a setting
+projects the gradient (distill.project_out), accuracy and held-out aux-matching loss per setting
+(projection.png) and the per-step cosine of the applied update with the removed direction
+(projection_cosine.png).
 """
 
 from __future__ import annotations
@@ -167,6 +170,76 @@ def plot_knob(results: dict, knob: str, path: Path) -> Path:
         plt.close(fig)
 
 
+def _projected(results: dict) -> list[dict]:
+    """Settings whose distillation projected the gradient (results of older runs have no projection key)."""
+    return [s for s in results["settings"] if s.get("projection", {}).get("kind", "none") != "none"]
+
+
+def _project_label(s: dict) -> str:
+    """The setting's project_out value, with its label when other knobs differ from the base too."""
+    kind = s.get("projection", {}).get("kind", "none")
+    return kind if set(s["knobs"]) <= {"distill.project_out"} else f"{s['label']} ({kind})"
+
+
+def plot_projection(results: dict, path: Path) -> Path:
+    """Left: digit accuracy per setting (aux-only, cross-init aux-only, all-logit students); right: the
+    aux-only student's distillation loss on held-out noise before and after distillation, per setting."""
+    plt = _pyplot()
+    settings = results["settings"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    xs = range(len(settings))
+    for j, arm in enumerate(("student_aux", "cross_aux", "student_all")):
+        means = [s["arms"][arm]["mean"] for s in settings]
+        axes[0].errorbar([x + (j - 1) * 0.08 for x in xs], means, yerr=[_err(s["arms"][arm]) for s in settings],
+                         marker="o", ms=4, capsize=3, ls="none", color=COLORS[arm], label=LABELS[arm])  # fmt: skip
+    axes[0].axhline(CHANCE, ls=":", c="k", lw=1, label="chance (10%)")
+    axes[0].set_ylabel("test accuracy (mean, 95% CI)")
+    axes[0].set_ylim(0, 1.05)
+    axes[0].legend(fontsize=7)
+    held = [s.get("heldout_loss", {}).get("arms", {}).get("student_aux") for s in settings]
+    pts = [(x, h) for x, h in zip(xs, held, strict=True) if h is not None]
+    if pts:
+        axes[1].errorbar([x for x, _ in pts], [h["final"]["mean"] for _, h in pts],
+                         yerr=[_err(h["final"]) for _, h in pts], marker="o", ms=4, capsize=3, ls="none",
+                         color=COLORS["student_aux"], label="after distillation")  # fmt: skip
+        axes[1].plot([x for x, _ in pts], [h["init"]["mean"] for _, h in pts], marker="_", ms=14, ls="none",
+                     color="0.4", label="at init")  # fmt: skip
+        axes[1].set_ylim(bottom=0)
+        axes[1].legend(fontsize=7)
+    axes[1].set_ylabel(f"aux-only student: held-out {results['config']['distill']['loss']} loss")
+    for ax in axes:
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([_project_label(s) for s in settings], rotation=15, ha="right", fontsize=8)
+        ax.yaxis.grid(True, alpha=0.3)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_projection_cosine(results: dict, path: Path) -> Path:
+    """Mean over aux-only students of cos(g, d) before projection (dashed) and cos(applied update, d)
+    (solid) at every distillation step, one colour per projecting setting."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, s in enumerate(_projected(results)):
+        per = s["projection"]["arms"]["student_aux"]["per_step_mean"]
+        ks = range(1, len(per["cos_update"]) + 1)
+        label = _project_label(s)
+        ax.plot(ks, per["cos_update"], color=f"C{i}", lw=1.2, label=f"{label}: applied update")
+        ax.plot(
+            ks, per["cos_grad"], color=f"C{i}", lw=1, ls="--", label=f"{label}: gradient before projection"
+        )
+    ax.axhline(0, c="k", lw=1)
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("mean cos(., removed direction)\n(aux-only students)")
+    ax.legend(fontsize=7)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def _lookup(data: dict, knob: str):
     node = data
     for part in knob.split("."):
@@ -185,6 +258,9 @@ def write_figures(results: dict, folder: Path) -> list[Path]:
         paths.append(plot_trajectory(base, folder / "trajectory.png"))
     for knob in results["sweep"]:
         paths.append(plot_knob(results, knob, folder / f"sweep_{knob.replace('.', '_')}.png"))
+    if _projected(results):
+        paths.append(plot_projection(results, folder / "projection.png"))
+        paths.append(plot_projection_cosine(results, folder / "projection_cosine.png"))
     return paths
 
 
@@ -260,6 +336,81 @@ def _trajectory_table(setting: dict) -> list[str]:
     return lines
 
 
+def _loss(a: dict) -> str:
+    half = a["ci95_half"]
+    return f"{a['mean']:.3g} ± {half:.2g}" if half is not None else f"{a['mean']:.3g}"
+
+
+def _heldout_table(setting: dict) -> list[str]:
+    held = setting.get("heldout_loss")
+    if not held:
+        return []
+    lines = [
+        f"Distillation loss ({held['loss']}, each arm on its own matched logits) on {held['n_noise']} held-out "
+        "uniform-noise images, mean ± 95% CI over members:",
+        "",
+        "| student arm | at init | after distillation |",
+        "|---|---|---|",
+    ]
+    for arm in _ordered(held["arms"]):
+        h = held["arms"][arm]
+        lines.append(f"| {LABELS[arm]} | {_loss(h['init'])} | {_loss(h['final'])} |")
+    return [*lines, ""]
+
+
+def _projection_section(results: dict) -> list[str]:
+    """Every setting's digit accuracy and aux-matching cost, then the cosines of the projecting ones."""
+    projected = _projected(results)
+    if not projected:
+        return []
+    k = projected[0]["projection"]["first_steps"]
+    out = [
+        "## Gradient projection (distill.project_out)",
+        "",
+        "Each step, every student's gradient (all its parameters, per member) loses its component along the "
+        "direction before Adam sees it: teacher_displacement = theta_teacher - theta_init of its teacher; "
+        "digit_gradient = the gradient of its digit cross-entropy on a labelled batch. Adam's per-coordinate "
+        "scaling makes the applied update not orthogonal to the direction (cosines below). The theorem's "
+        "first-step table measures the unprojected gradient; its trajectory, the actual (projected) steps.",
+        "",
+        "| setting | aux-only student | cross-init aux-only | all-logit student | aux-only held-out loss "
+        "(init -> final) | all-logit held-out loss (final) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in results["settings"]:
+        held = s.get("heldout_loss", {}).get("arms", {})
+        aux, every = held.get("student_aux"), held.get("student_all")
+        aux_txt = f"{aux['init']['mean']:.3g} -> {_loss(aux['final'])}" if aux else ""
+        out.append(
+            f"| {_project_label(s)} | {_pct(s['arms']['student_aux'])} | {_pct(s['arms']['cross_aux'])} "
+            f"| {_pct(s['arms']['student_all'])} | {aux_txt} | {_loss(every['final']) if every else ''} |"
+        )
+    out += [
+        "",
+        f"Cosine with the removed direction, per member averaged over the first {k} steps (and all steps), "
+        "mean over members [q05, q95]; the last column checks the projection (largest |cos| of a projected "
+        "gradient over all steps and members):",
+        "",
+        f"| setting | student arm | cos(gradient, d), first {k} | cos(applied update, d), first {k} "
+        "| cos(applied update, d), all steps | max abs cos(projected gradient, d) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in projected:
+        for arm in _ordered(s["projection"]["arms"]):
+            st = s["projection"]["arms"][arm]
+            out.append(
+                f"| {_project_label(s)} | {LABELS[arm]} | {_dist(st['cos_grad_first'])} "
+                f"| {_dist(st['cos_update_first'])} | {_dist(st['cos_update_all'])} "
+                f"| {st['max_abs_cos_projected_grad']:.1e} |"
+            )
+    return [*out, ""]
+
+
+def _dist(d: dict) -> str:
+    q = d["quantiles"]
+    return f"{d['mean']:+.3f} [{q['q05']:+.3f}, {q['q95']:+.3f}]"
+
+
 def render_markdown(results: dict, figures: list[Path], run_dir: Path) -> str:
     cfg = results["config"]
     base = results["settings"][0]
@@ -284,6 +435,7 @@ def render_markdown(results: dict, figures: list[Path], run_dir: Path) -> str:
         *_accuracy_table(base),
         "",
         *_paired_table(base),
+        *_heldout_table(base),
     ]
     if base["theorem"].get("first_step"):
         th = cfg["theorem"]
@@ -323,6 +475,7 @@ def render_markdown(results: dict, figures: list[Path], run_dir: Path) -> str:
                 + f" | {'' if share is None else f'{share:.0%}'} |"
             )  # fmt: skip
         out.append("")
+    out += _projection_section(results)
     out += ["## Figures", ""]
     for p in figures:
         rel = Path(p).relative_to(run_dir)

@@ -15,12 +15,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from sublab.mnist.ensemble import Ensemble
+
+if TYPE_CHECKING:
+    from sublab.mnist.projection import GradientProjection
 
 N_DIGITS = 10
 FUSED = True
@@ -187,12 +191,15 @@ def distill(
     loss: str = "kl",
     on_step: Callable[[int, Ensemble], None] | None = None,
     desc: str | None = None,
+    project: GradientProjection | None = None,
 ) -> list[float]:
     """Distill each student toward teacher[teacher_of[j]] on that teacher slot's inputs; in place.
 
     inputs(step) -> (n_teachers, b, dim): one batch per teacher slot; every student paired with slot i sees
     slot i's batch and slot i's teacher outputs (so same-init and cross-init students see the same data).
     on_step(k, students) is called after optimizer step k = 1, 2, ...
+    project (projection.GradientProjection): removes each member's gradient component along its direction
+    between backward and the optimizer step, and measures the applied update; None: plain distillation.
     """
     teacher_of = teacher_of.to(students.device)
     n_slots = teacher.n_models
@@ -212,7 +219,11 @@ def distill(
         per_member = distill_loss(out, target, groups, loss)
         opt.zero_grad(set_to_none=True)
         per_member.sum().backward()
+        if project is not None:
+            project.before_step(step, students)
         opt.step()
+        if project is not None:
+            project.after_step(step, students)
         losses.append(per_member.detach().mean().item())
         if on_step is not None:
             on_step(step + 1, students)
