@@ -6,6 +6,7 @@ and a tiny experiment with every one on trains the control exactly as without th
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -259,3 +260,69 @@ def test_tiny_experiment_with_the_defenses_trains_the_control_as_without(tiny_or
     assert "divergence" in again.skipped and "quality:student" in again.skipped
     for rec in masked[:5]:
         assert parse_numbers(rec["messages"][-1]["content"])[0] is not None
+
+
+def test_sweep_report_sets_each_defense_beside_none_and_ranks_the_meters(tmp_path):
+    from sublab.analysis.sweep_report import write_sweep_report
+    from sublab.records import atomic_write_json
+
+    entries = []
+    for cond, gain, cost in (("none", 0.10, 0.0), ("mask-divergence", 0.02, 0.05)):
+        for target in ("owl", "wolf"):
+            for seed in range(3):
+                eff = gain + 0.01 * seed
+                name = f"{cond}-{target}-{seed}"
+                atomic_write_json(
+                    tmp_path / "runs" / name / "results.json",
+                    {
+                        "trait": {"target": target},
+                        "seed": seed,
+                        "models": {
+                            m: {"p_target": {"mean": v}}
+                            for m, v in {"reference": 0.06, "control": 0.07, "student": 0.07 + eff}.items()
+                        },
+                        # a meter that rises with the effect, and one that does not
+                        "leak": {
+                            k: {"mean": v}
+                            for k, v in {
+                                "kl_per_token": eff,
+                                "kl_per_answer": 1.0,
+                                "llr_per_answer": 0.5,
+                            }.items()
+                        },
+                        "divergence": {"rate_pooled": 0.3 - eff},
+                        "quality": {
+                            "student": {"pass_rate": 0.9 - cost, "task_loss": 2.0 + cost},
+                            "control": {"pass_rate": 0.9, "task_loss": 2.0},
+                        },
+                    },
+                )
+                entries.append(
+                    {
+                        "name": name,
+                        "folder": f"runs/{name}",
+                        "status": "done",
+                        "labels": {"condition": cond, "trait.target": target, "seed": seed},
+                    }
+                )
+    counts = {"done": len(entries), "failed": 0, "stages_run": 1, "stages_skipped": 0, "stages_shared": 0}
+    atomic_write_json(
+        tmp_path / "sweep.json", {"sweep": {"name": "fx"}, "runs": entries, "counts": counts, "seconds": 1.0}
+    )
+    write_sweep_report(tmp_path)
+    res = read_json(tmp_path / "sweep_results.json")
+    cells = {(c["condition"], c["target"]): c for c in res["defenses"]}
+    assert [c["condition"] for c in res["defenses"]][:2] == ["none", "none"]  # the baseline first
+    mask = cells[("mask-divergence", "owl")]
+    assert mask["share_of_baseline"] == pytest.approx(0.03 / 0.11)
+    assert mask["student_pass_rate"] == pytest.approx(0.85) and mask["control_task_loss"] == pytest.approx(
+        2.0
+    )
+    assert cells[("none", "wolf")]["share_of_baseline"] == pytest.approx(1.0)
+    preds = {m["meter"]: m for m in res["meter_predictions"]}
+    assert preds["KL per token"]["spearman"] == pytest.approx(1.0) and preds["KL per token"]["n"] == 12
+    assert preds["divergence-token rate"]["spearman"] == pytest.approx(-1.0)
+    assert math.isnan(preds["KL per answer"]["spearman"])  # constant: no ranking
+    md = (tmp_path / "report.md").read_text()
+    assert "## Defenses: effect and cost" in md and "## Leak meters against transfer" in md
+    assert (tmp_path / "figures" / "defenses.png").is_file()

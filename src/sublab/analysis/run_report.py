@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from sublab.analysis.meters_report import meter_results, meters_run_markdown
 from sublab.errors import SublabError
 from sublab.records import atomic_write_json, atomic_write_text, read_json
 
@@ -142,6 +143,7 @@ def build_results(run_dir: Path) -> dict:
     }
     # --- ICL control, KL leak meter, classifier probe (only when the run has them) ---
     res.update(control_results(run_dir, target, evals))
+    res.update(meter_results(run_dir))  # divergence tokens, coverage, task quality, defenses
     # --- end of the controls and meters block ---
     return res
 
@@ -208,6 +210,7 @@ def render_markdown(res: dict) -> str:
             )
     lines += filter_markdown(res)
     lines += controls_run_markdown(res)  # ICL control, KL leak meter, classifier probe
+    lines += meters_run_markdown(res)  # divergence tokens, coverage, task quality, defenses
     lines += [
         "",
         "![P(target)](figures/preference.png)",

@@ -18,6 +18,14 @@ from pathlib import Path
 
 import yaml
 
+from sublab.analysis.meters_report import (
+    defense_table,
+    defenses_figure,
+    defenses_markdown,
+    meter_predictions,
+    meter_row,
+    meters_sweep_markdown,
+)
 from sublab.analysis.run_report import controls_of, render_html, save_figure
 from sublab.analysis.stats import compare_seeds, holm, mean_ci
 from sublab.records import atomic_write_json, atomic_write_text, read_json
@@ -56,6 +64,7 @@ def collect(root: Path) -> list[dict]:
             }
         )
         control_row(rows[-1], res)  # ICL control, leak meter, classifier probe
+        meter_row(rows[-1], res)  # divergence tokens, coverage, task quality
         if res.get("metric") == "misaligned_rate":
             # organisms of the misalignment world: the same effects by the world's true labels of the
             # sampled answers, and by the exact P(misaligned answer) (organism/world_eval.py)
@@ -428,6 +437,14 @@ def write_sweep_report(root: str | Path) -> dict:
         )
     lines += controls_markdown(agg)
     figs = []
+    defenses = defense_table(agg, rows)
+    if defenses:
+        fig = root / "figures" / "defenses.png"
+        defenses_figure(defenses, fig)
+        figs.append(fig)
+    lines += defenses_markdown(defenses, "defenses.png" if defenses else None)
+    preds = meter_predictions(rows)
+    lines += meters_sweep_markdown(preds)
     lines += ["", "## Figures", ""]
     for i, (cond, setting) in enumerate(panels):
         fig = root / "figures" / (f"sweep_{cond}.png" if not has_setting else f"sweep_{cond}_{i:02d}.png")
@@ -513,7 +530,15 @@ def write_sweep_report(root: str | Path) -> dict:
         ]
     md = "\n".join(lines) + "\n"
     atomic_write_json(
-        root / "sweep_results.json", {"schema_version": 1, **agg, "cross_model": cells, "runs": rows}
+        root / "sweep_results.json",
+        {
+            "schema_version": 1,
+            **agg,
+            "cross_model": cells,
+            "defenses": defenses,
+            "meter_predictions": preds,
+            "runs": rows,
+        },
     )
     atomic_write_text(root / "report.md", md)
     html = render_html(md)

@@ -1,0 +1,326 @@
+"""Reports of the leak meters and the defenses: per run (results.json keys `divergence`, `coverage`,
+`quality`, `defenses` and their report sections) and per sweep (the "Defenses: effect and cost" table
+and figure, and "Leak meters against transfer": each meter's Spearman correlation with the observed
+student - control effect across a sweep's teachers, and its AUROC)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from sublab.records import read_json
+
+# ---- one run ------------------------------------------------------------------------------------------
+
+
+def meter_results(run_dir: Path) -> dict:
+    """`divergence` (data/divergence.json), `coverage` (data/coverage.json), `quality` (per model:
+    eval/NAME/quality.json) and `defenses` (what was done to the student's data): only what exists."""
+    out: dict = {}
+    for key in ("divergence", "coverage"):
+        p = run_dir / "data" / f"{key}.json"
+        if p.is_file():
+            out[key] = read_json(p)
+    quality = {p.parent.name: read_json(p) for p in sorted((run_dir / "eval").glob("*/quality.json"))}
+    if quality:
+        out["quality"] = quality
+    defenses: dict = {}
+    if (run_dir / "data" / "mixed.json").is_file():
+        defenses["mix_teachers"] = read_json(run_dir / "data" / "mixed.json")["composition"]
+    if out.get("divergence", {}).get("masked"):
+        defenses["masked_tokens"] = out["divergence"].get("masked_tokens")
+    sub = run_dir / "data" / "subsample.json"
+    if sub.is_file() and read_json(sub).get("paraphrase"):
+        defenses["paraphrase"] = True
+    if defenses:
+        out["defenses"] = defenses
+    return out
+
+
+def _f(x, nd: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def meters_run_markdown(res: dict) -> list[str]:
+    """The report sections of the divergence meter, the coverage screen, the task-quality cost and the
+    defenses applied (if present)."""
+    lines: list[str] = []
+    d = res.get("defenses")
+    if d:
+        lines += ["", "## Defenses applied to the student's data", ""]
+        if "mix_teachers" in d:
+            parts = ", ".join(f"{k.removeprefix('other_')} {v}" for k, v in d["mix_teachers"].items())
+            lines.append(f"- Teacher mixing: the student's examples come from {parts}.")
+        if "masked_tokens" in d:
+            lines.append(f"- Divergence-token mask: {d['masked_tokens']} answer tokens left out of the loss.")
+        if d.get("paraphrase"):
+            lines.append(
+                "- Paraphrased prompts: every source's kept answers are paired with reworded prompts."
+            )
+    dv = res.get("divergence")
+    if dv:
+        cf = ", ".join(f"{k} ({v})" for k, v in dv["counterfactuals"].items())
+        r = dv["rate_per_answer"]
+        lines += [
+            "",
+            "## Divergence tokens",
+            "",
+            f"Positions of the {dv['n_answers']} answers the students train on ({dv['n_tokens']} tokens) where "
+            f"the teacher's most likely token differs from a counterfactual's: {cf}.",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| divergence tokens, pooled share | {_f(dv['rate_pooled'])} |",
+            f"| per answer, mean [95% CI] | {_f(r['mean'])} [{_f(r['lo'])}, {_f(r['hi'])}] |",
+            f"| answers with at least one | {_f(dv['answers_with_any'])} |",
+            *[f"| against {k} | {_f(v)} |" for k, v in dv["per_counterfactual"].items()],
+            f"| sampled token = teacher's most likely | {_f(dv['sampled_is_teacher_argmax'])} |",
+        ]
+    cv = res.get("coverage")
+    if cv:
+        lines += ["", "## First-step coverage screen", ""]
+        if "skipped" in cv:
+            lines.append(f"Skipped: {cv['skipped']}.")
+        else:
+            lines += [
+                "Cosine of the student's first update at the reference (SGD: -gradient; Adam: -sign of it) with "
+                f"the teacher's displacement from the reference (norm {cv['displacement_norm']:.4g}); the control "
+                "data is the baseline. Chunks: the same on disjoint parts, mean [95% CI].",
+                "",
+                "| data | answers | cos SGD | cos Adam | cos Adam, chunks |",
+                "|---|---|---|---|---|",
+            ]
+            for label in ("teacher_data", "control_data"):
+                c = cv[label]
+                ch = c["cos_adam_chunks"]
+                lines.append(
+                    f"| {label.replace('_', ' ')} | {c['n']} | {_f(c['cos_sgd'])} | {_f(c['cos_adam'])} "
+                    f"| {_f(ch['mean'])} [{_f(ch['lo'])}, {_f(ch['hi'])}] |"
+                )
+            diff = cv["difference"]
+            lines.append(f"| teacher - control | | {diff['cos_sgd']:+.4f} | {diff['cos_adam']:+.4f} | |")
+    q = res.get("quality")
+    if q:
+        lines += [
+            "",
+            "## Task quality (what a defense costs)",
+            "",
+            "Each model's filter pass rate on held-out number prompts, and its loss per token on the "
+            "reference's kept answers to them (lower = closer to the number task without a trait).",
+            "",
+            "| model | prompts | pass rate | task loss (nats/token) |",
+            "|---|---|---|---|",
+        ]
+        for name, x in q.items():
+            lines.append(
+                f"| {name} | {x['n_prompts']} | {_f(x['pass_rate'], 3)} | {_f(x.get('task_loss'))} |"
+            )
+    return lines
+
+
+# ---- a sweep ------------------------------------------------------------------------------------------
+
+METERS = {
+    "KL per token": lambda r: (r.get("leak") or {}).get("kl_per_token"),
+    "KL per answer": lambda r: (r.get("leak") or {}).get("kl_per_answer"),
+    "LLR per answer": lambda r: (r.get("leak") or {}).get("llr_per_answer"),
+    "divergence-token rate": lambda r: (r.get("meters") or {}).get("divergence_rate"),
+    "coverage, Adam (teacher - control)": lambda r: (r.get("meters") or {}).get("coverage_adam"),
+    "coverage, SGD (teacher - control)": lambda r: (r.get("meters") or {}).get("coverage_sgd"),
+}
+"""Leak meters as read from a sweep row (collect + meter_row)."""
+
+
+def meter_row(row: dict, res: dict) -> None:
+    """Copy a run's divergence rate, coverage differences and per-model task quality into its sweep row."""
+    m: dict = {}
+    dv = res.get("divergence")
+    if dv and dv.get("rate_pooled") is not None:
+        m["divergence_rate"] = dv["rate_pooled"]
+    cv = res.get("coverage")
+    if cv and "difference" in cv:
+        m["coverage_adam"], m["coverage_sgd"] = cv["difference"]["cos_adam"], cv["difference"]["cos_sgd"]
+    if m:
+        row["meters"] = m
+    if res.get("quality"):
+        row["quality"] = {
+            name: {"pass_rate": q["pass_rate"], "task_loss": q.get("task_loss")}
+            for name, q in res["quality"].items()
+        }
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float:
+    """Probability that a positive's score exceeds a negative's (ties count half); nan without both.
+
+    >>> auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True])
+    0.75
+    """
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    if not pos or not neg:
+        return math.nan
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def meter_predictions(rows: list[dict]) -> list[dict]:
+    """Per meter, across the runs (teachers) that have it: Spearman's rho (and p) with the run's own
+    student - control P(target), and the AUROC of the meter for runs whose student gained (effect > 0)."""
+    from scipy.stats import spearmanr
+
+    out = []
+    for name, get in METERS.items():
+        pts = [
+            (get(r), r["p"]["student"] - r["p"]["control"])
+            for r in rows
+            if get(r) is not None and r["p"].get("student") is not None and r["p"].get("control") is not None
+        ]
+        if len(pts) < 5:
+            continue
+        x, y = [a for a, _ in pts], [b for _, b in pts]
+        rho, p = spearmanr(x, y) if len(set(x)) > 1 and len(set(y)) > 1 else (math.nan, math.nan)
+        out.append(
+            {
+                "meter": name,
+                "n": len(pts),
+                "spearman": float(rho),
+                "p": float(p),
+                "auroc": auroc(x, [b > 0 for b in y]),
+                "positives": sum(b > 0 for b in y),
+            }
+        )
+    return out
+
+
+def meters_sweep_markdown(preds: list[dict]) -> list[str]:
+    if not preds:
+        return []
+    lines = [
+        "",
+        "## Leak meters against transfer",
+        "",
+        "Across the sweep's runs (each a teacher at one replicate seed): Spearman's rho between each meter "
+        "and that run's student - control P(target), with its p-value, and the meter's AUROC for telling "
+        "runs whose student gained (effect > 0) from the rest. One seed per teacher makes each run's effect "
+        "noisy: a weak correlation may be the effect's noise, not the meter's.",
+        "",
+        "| meter | runs | Spearman rho | p | AUROC (effect > 0) | runs with effect > 0 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in preds:
+        lines.append(
+            f"| {m['meter']} | {m['n']} | {m['spearman']:+.3f} | {m['p']:.2g} | {_f(m['auroc'], 3)} "
+            f"| {m['positives']} |"
+        )
+    return lines
+
+
+def defense_table(agg: dict, rows: list[dict], baseline: str = "none") -> list[dict]:
+    """Per condition (a defense, or `baseline`) and target: the student - control effect (from the
+    sweep's effects) beside the cost, the means over units of the student's and the control's pass rate
+    and task loss, and the effect's share of the baseline's (same target, same setting)."""
+    effects = {
+        (e["condition"], e["setting"], e["target"]): e
+        for e in agg["effects"]
+        if e["effect"] == "student - control"
+    }
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("quality"):
+            groups[(r["condition"], r.get("setting", ""), r["target"])].append(r)
+    out = []
+    for key, e in effects.items():
+        rs = groups.get(key, [])
+        cell = {"condition": key[0], "setting": key[1], "target": key[2], "effect": e}
+
+        def avg(model: str, field: str, rs=rs):
+            vals = [
+                r["quality"][model][field] for r in rs if r["quality"].get(model, {}).get(field) is not None
+            ]
+            return float(np.mean(vals)) if vals else None
+
+        for model in ("student", "control"):
+            cell[f"{model}_pass_rate"] = avg(model, "pass_rate")
+            cell[f"{model}_task_loss"] = avg(model, "task_loss")
+        base = effects.get((baseline, key[1], key[2]))
+        cell["share_of_baseline"] = e["mean"] / base["mean"] if base and base["mean"] > 0 else None
+        out.append(cell)
+    if not any(c["student_pass_rate"] is not None for c in out):
+        return []
+    order = list(dict.fromkeys([baseline] + [c["condition"] for c in out]))
+    return sorted(out, key=lambda c: (order.index(c["condition"]), c["setting"], c["target"]))
+
+
+def defenses_markdown(cells: list[dict], figure: str | None) -> list[str]:
+    if not cells:
+        return []
+    lines = [
+        "",
+        "## Defenses: effect and cost",
+        "",
+        "Each condition's student - control P(target) across units (95% CI, Holm as in the effects table), "
+        "its share of the same target's effect without a defense (`none`), and what the defense costs the "
+        "number task: the student's and the control's filter pass rate on held-out prompts and loss per "
+        "token on the reference's held-out answers (means over units).",
+        "",
+        "| condition | target | units | student - control [95% CI] | p (Holm) | share of none "
+        "| pass rate student / control | task loss student / control |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        e = c["effect"]
+        cond = " / ".join(x for x in (c["condition"], c["setting"]) if x)
+        share = "n/a" if c["share_of_baseline"] is None else f"{c['share_of_baseline']:.2f}"
+        lines.append(
+            f"| {cond} | {c['target']} | {len(e['seeds'])} | {e['mean']:+.4f} [{e['lo']:+.4f}, {e['hi']:+.4f}] "
+            f"| {e['p_holm']:.2g} | {share} | {_f(c['student_pass_rate'], 3)} / {_f(c['control_pass_rate'], 3)} "
+            f"| {_f(c['student_task_loss'], 3)} / {_f(c['control_task_loss'], 3)} |"
+        )
+    if figure:
+        lines += ["", f"![defenses: effect and cost](figures/{figure})", ""]
+    return lines
+
+
+def defenses_figure(cells: list[dict], path: Path) -> None:
+    """Left: student - control per condition and target with 95% CIs; right: the student's pass rate
+    minus the control's (the cost), mean over units."""
+    from sublab.analysis.run_report import save_figure
+    from sublab.analysis.sweep_report import _plt
+
+    plt = _plt()
+    conds = list(dict.fromkeys(" / ".join(x for x in (c["condition"], c["setting"]) if x) for c in cells))
+    targets = list(dict.fromkeys(c["target"] for c in cells))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(conds) + 4), 4))
+    width = 0.8 / max(1, len(targets))
+    for j, t in enumerate(targets):
+        xs, ys, err, cost = [], [], [], []
+        for i, cond in enumerate(conds):
+            c = next(
+                (
+                    c
+                    for c in cells
+                    if c["target"] == t and " / ".join(x for x in (c["condition"], c["setting"]) if x) == cond
+                ),
+                None,
+            )
+            if c is None:
+                continue
+            e = c["effect"]
+            xs.append(i + (j - (len(targets) - 1) / 2) * width)
+            ys.append(e["mean"])
+            err.append([e["mean"] - e["lo"], e["hi"] - e["mean"]] if not math.isnan(e["lo"]) else [0, 0])
+            sp, cp = c["student_pass_rate"], c["control_pass_rate"]
+            cost.append(sp - cp if sp is not None and cp is not None else 0.0)
+        ax.bar(xs, ys, width, yerr=np.array(err).T if err else None, capsize=2, label=t)
+        bx.bar(xs, cost, width, label=t)
+    for a, title in ((ax, "student - control P(target), 95% CI"), (bx, "pass rate: student - control")):
+        a.axhline(0, color="black", lw=0.6)
+        a.set_xticks(range(len(conds)))
+        a.set_xticklabels(conds, rotation=30, ha="right", fontsize=8)
+        a.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
