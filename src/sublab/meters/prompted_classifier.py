@@ -82,8 +82,7 @@ class PromptedClassifier(Strict):
     """logprobs: P(correct label) from the first completion token's top-k log-probabilities (temperature
     0 on an API); sample: one sampled answer per trial, parsed for a label (unparseable ones counted)."""
     prompt: str = DEFAULT_PROMPT
-    """The question's template (sublab's wording, not the paper's, whose prompt is not published in
-    full). Fields: {target}, {category}, {set_a}, {set_b} (each set a numbered list of answers),
+    """The question's template (the default is sublab's own wording, not the paper's). Fields: {target}, {category}, {set_a}, {set_b} (each set a numbered list of answers),
     {label_a}, {label_b}; {set_a} and {set_b} are required. Filled in one pass, so the data is never read
     as template."""
     labels: tuple[str, str] = ("A", "B")
