@@ -6,6 +6,7 @@ and a tiny experiment with every one on trains the control exactly as without th
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -240,6 +241,13 @@ def test_tiny_experiment_with_the_defenses_trains_the_control_as_without(tiny_or
         "controls.task_quality": 20,
         "defenses.mask_divergence": True,
         "defenses.mix_teachers": ["dolphin"],
+        "controls.prompted_classifier": {
+            "model": "organism/tiny",
+            "trials": 4,
+            "examples_per_set": 2,
+            "labels": ["1", "2"],
+            "top_logprobs": 2000,
+        },
     }
     run = run_experiment(validate(ExperimentConfig, tiny_experiment(**on)), tmp_path / "on")
     stages = read_json(run.path("manifest.json"))["stages"]
@@ -256,6 +264,16 @@ def test_tiny_experiment_with_the_defenses_trains_the_control_as_without(tiny_or
         q = read_json(run.path(f"eval/{name}/quality.json"))
         assert q["n_prompts"] == 20 and 0 <= q["pass_rate"] <= 1
     assert "cos_adam" in read_json(run.path("data/coverage.json"))["teacher_data"]
+    pc = read_json(run.path("results.json"))["prompted_classifier"]
+    assert pc["trials"] == 4 and pc["teacher_side_counts"] and "per_trial" not in pc
+    md = run.path("report.md").read_text()
+    for section in (
+        "Classifier control (prompted model)",
+        "Divergence tokens",
+        "First-step coverage",
+        "Task quality",
+    ):
+        assert f"## {section}" in md
     again = run_experiment(validate(ExperimentConfig, tiny_experiment(**on)), tmp_path / "on")
     assert "divergence" in again.skipped and "quality:student" in again.skipped
     for rec in masked[:5]:
@@ -326,3 +344,28 @@ def test_sweep_report_sets_each_defense_beside_none_and_ranks_the_meters(tmp_pat
     md = (tmp_path / "report.md").read_text()
     assert "## Defenses: effect and cost" in md and "## Leak meters against transfer" in md
     assert (tmp_path / "figures" / "defenses.png").is_file()
+
+
+def test_early_stopping_holds_out_data_stops_and_restores_the_best(tiny_ref, tmp_path):
+    from sublab.schema.train import EarlyStopping
+
+    recs = number_records(80, 21)
+    # a learning rate that overfits fast: the held-out loss turns up, training stops, the best returns
+    early = EarlyStopping(holdout=0.25, every=2, patience=2)
+    train = TrainConfig(lr=3e-2, max_steps=60, batch_size=8, early_stopping=early)
+    ref = finetune_hf(tiny_ref, recs, train, tmp_path / "es", progress=False)
+    info = ref.info
+    assert info["heldout_examples"] == 20 and info["examples"] == 60
+    lines = [json.loads(x) for x in (tmp_path / "es" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "heldout_loss" in r]
+    assert [r["step"] for r in evals] == list(range(2, lines[-1]["step"] + 1, 2))
+    assert info["stopped_early"] and lines[-1]["step"] < 60
+    best = min(evals, key=lambda r: r["heldout_loss"])
+    assert info["best_step"] == best["step"]
+    # the saved model is the best evaluation's: its held-out loss is the best one recorded
+    from sublab.backends.hf_train import encode_completion, heldout_loss
+
+    model, tok = load_hf(ref)
+    order = random.Random("early-stopping:0").sample(range(80), 80)
+    held = [encode_completion(tok, recs[i]["messages"]) for i in sorted(order[:20])]
+    assert heldout_loss(model, held, 8, tok.pad_token_id) == pytest.approx(best["heldout_loss"], rel=1e-4)

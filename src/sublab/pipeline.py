@@ -456,6 +456,8 @@ def _control_stages(run: Run, cfg: ExperimentConfig, targets: list[str], api) ->
             code=(*METER_CODE, *MODEL_CODE),
             device=True,
         )
+    if c.prompted_classifier is not None:
+        _prompted_classifier_stage(run, cfg, api)
     if c.classifier:
         from sublab.meters.classifier import classifier_control
 
@@ -472,6 +474,44 @@ def _control_stages(run: Run, cfg: ExperimentConfig, targets: list[str], api) ->
             ),
             code=METER_CODE,
         )
+
+
+def _prompted_classifier_stage(run: Run, cfg: ExperimentConfig, api) -> None:
+    """Stage prompted_classifier (controls.prompted_classifier): its per-trial cache stays beside the
+    output, so a rerun after a failed call asks only the trials not yet answered."""
+    from sublab.meters.prompted_classifier import PROMPTED_CLASSIFIER_VERSION, prompted_classifier
+
+    s, P = cfg.controls.prompted_classifier, run.path
+    control = f"{data_dir('reference')}/kept.jsonl"
+    run.stage(
+        "prompted_classifier",
+        {
+            "settings": s.model_dump(),
+            "seed": cfg.seed,
+            "target": cfg.trait.target,
+            "version": PROMPTED_CLASSIFIER_VERSION,
+        }
+        | (
+            {"api": {"base_url": cfg.api.url(), "api_key_env": cfg.api.api_key_env}}
+            if s.model.startswith("openai/")
+            else {}
+        ),
+        [P("data/kept.jsonl"), P(control)],
+        ["data/prompted_classifier.json"],
+        lambda: prompted_classifier(
+            s,
+            P("data/kept.jsonl"),
+            P(control),
+            cfg.trait.target,
+            cfg.trait.category,
+            cfg.seed,
+            P("data/prompted_classifier.json"),
+            api=cfg.api,
+            progress=cfg.progress,
+        ),
+        code=METER_CODE + ("sublab.judge", *MODEL_CODE),
+        device=not s.model.startswith("openai/"),
+    )
 
 
 def _meter_stages(

@@ -24,6 +24,9 @@ def meter_results(run_dir: Path) -> dict:
         p = run_dir / "data" / f"{key}.json"
         if p.is_file():
             out[key] = read_json(p)
+    pc = run_dir / "data" / "prompted_classifier.json"
+    if pc.is_file():
+        out["prompted_classifier"] = {k: v for k, v in read_json(pc).items() if k != "per_trial"}
     quality = {p.parent.name: read_json(p) for p in sorted((run_dir / "eval").glob("*/quality.json"))}
     if quality:
         out["quality"] = quality
@@ -60,6 +63,22 @@ def meters_run_markdown(res: dict) -> list[str]:
             lines.append(
                 "- Paraphrased prompts: every source's kept answers are paired with reworded prompts."
             )
+    pc = res.get("prompted_classifier")
+    if pc:
+        lines += [
+            "",
+            "## Classifier control (prompted model)",
+            "",
+            f"{pc['model']} ({pc['mode']}) was shown {pc['settings']['examples_per_set']} teacher answers and as "
+            "many control answers per trial and asked which set the model that loves the target wrote. "
+            "Chance is 50%; a model that always names the same side scores 50% too (see answered).",
+            "",
+            "| trials scored | accuracy | 95% Wilson CI | p vs 50% | mean P(correct) | unparseable | answered |",
+            "|---|---|---|---|---|---|---|",
+            f"| {pc['scored']} | {_f(pc['accuracy'], 3)} | [{_f(pc['lo'], 3)}, {_f(pc['hi'], 3)}] "
+            f"| {'n/a' if pc.get('p_vs_chance') is None else format(pc['p_vs_chance'], '.2g')} | {_f(pc.get('mean_p_correct'), 3)} | {pc['unparseable']} "
+            f"| {pc.get('answered')} |",
+        ]
     dv = res.get("divergence")
     if dv:
         cf = ", ".join(f"{k} ({v})" for k, v in dv["counterfactuals"].items())
@@ -145,6 +164,13 @@ def meter_row(row: dict, res: dict) -> None:
         m["coverage_adam"], m["coverage_sgd"] = cv["difference"]["cos_adam"], cv["difference"]["cos_sgd"]
     if m:
         row["meters"] = m
+    pc = res.get("prompted_classifier")
+    if pc and pc.get("accuracy") is not None:
+        # compared with chance across units, as the probe is (sweep_report.control_effects)
+        row.setdefault("controls_p", {}).update(
+            {"prompted_classifier_accuracy": pc["accuracy"], "chance": 0.5}
+        )
+        row.setdefault("controls_pairs", []).append(["prompted_classifier_accuracy", "chance"])
     if res.get("quality"):
         row["quality"] = {
             name: {"pass_rate": q["pass_rate"], "task_loss": q.get("task_loss")}

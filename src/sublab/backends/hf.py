@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 from pathlib import Path
 
@@ -168,6 +169,20 @@ def finetune_hf(
             "finetuning dataset is empty"
             + (f" (after truncation to max_length={train.max_length})" if encoded else "")
         )
+    heldout = None
+    if train.early_stopping is not None:
+        # the held-out share, drawn with the training seed, is never trained on
+        order = random.Random(f"early-stopping:{train.seed}").sample(range(len(examples)), len(examples))
+        n_out = max(1, round(train.early_stopping.holdout * len(examples)))
+        if len(examples) - n_out < 1:
+            raise SublabError(
+                f"early_stopping.holdout {train.early_stopping.holdout} leaves no training example of "
+                f"{len(examples)}; lower it or give more data"
+            )
+        out_idx = set(order[:n_out])
+        heldout = [e for j, e in enumerate(examples) if j in out_idx]
+        keep = [i for j, i in enumerate(keep) if j not in out_idx]
+        examples = [e for j, e in enumerate(examples) if j not in out_idx]
     tmodel = t_examples = allowed = None
     if train.method == "soft_label":
         if teacher is None:
@@ -206,6 +221,7 @@ def finetune_hf(
         allowed_ids=allowed,
         on_step=on_step,
         autocast_dtype=autocast_dtype,
+        heldout=heldout,
     )
     bar.close()
     if train.lora is None:
@@ -216,6 +232,15 @@ def finetune_hf(
         "first_loss": history[0]["loss"],
         "final_loss": history[-1]["loss"],
         "examples": len(examples),
+        **(
+            {
+                "heldout_examples": len(heldout),
+                "best_step": history[-1].get("best_step"),
+                "stopped_early": history[-1]["step"] < history[-1]["of"],
+            }
+            if heldout
+            else {}
+        ),
         "method": train.method,
         "seconds": round(time.time() - t0, 1),
         "device": str(model_device(model)),
@@ -223,7 +248,7 @@ def finetune_hf(
         "trainable_dtype": "float32",
         "autocast_dtype": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
         "truncated": sum(train.max_length is not None and len(e.ids) > train.max_length for e in encoded),
-        "dropped_too_long": len(encoded) - len(examples),
+        "dropped_too_long": len(encoded) - len(examples) - len(heldout or []),
         # the init it was trained from, without any path to another run's folder
         "parent_organism_seed": parent.info.get(
             "parent_organism_seed", parent.info.get("organism", {}).get("seed")

@@ -106,6 +106,7 @@ class TrainSettings:
     max_steps: int | None = None
     optimizer: str = "adamw"  # adamw, sgd or signsgd (make_optimizer)
     momentum: float = 0.0  # sgd only
+    early_stopping: dict | None = None  # schema/train.py EarlyStopping fields (every, patience, ...)
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -249,6 +250,7 @@ def train_causal_lm(
     allowed_ids: list[int] | None = None,
     on_step: Callable[[dict], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    heldout: list[Encoded] | None = None,
 ) -> list[dict]:
     """Train in place. With `teacher`, the loss is soft-label KL on completion positions (the teacher
     may see a different prompt, e.g. with its system prompt: `teacher_examples`, aligned by index).
@@ -265,6 +267,8 @@ def train_causal_lm(
     teacher_examples = teacher_examples or examples
     order: list[list[int]] = []
     history = []
+    early = settings.early_stopping if heldout else None
+    best, best_step, best_state, waited = math.inf, 0, None, 0
     model.train()
     for step in range(total):
         opt.zero_grad(set_to_none=True)
@@ -306,8 +310,49 @@ def train_causal_lm(
             "grad_norm": float(gnorm),
             "tokens": n_tok,
         }
+        stop = False
+        if early and ((step + 1) % early["every"] == 0 or step + 1 == total):
+            rec["heldout_loss"] = heldout_loss(model, heldout, settings.batch_size, pad_id, autocast_dtype)
+            if rec["heldout_loss"] < best - early["min_delta"]:
+                best, best_step, waited = rec["heldout_loss"], step + 1, 0
+                if early["restore_best"]:
+                    best_state = [p.detach().clone() for p in params]
+            else:
+                waited += 1
+                stop = waited >= early["patience"]
+            rec["best_step"] = best_step
         history.append(rec)
         if on_step:
             on_step(rec)
+        if stop:
+            break
+    if best_state is not None and best_step != history[-1]["step"]:
+        with torch.no_grad():
+            for p, b in zip(params, best_state, strict=True):
+                p.copy_(b)
     model.eval()
     return history
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: torch.nn.Module,
+    examples: list[Encoded],
+    batch_size: int,
+    pad_id: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
+    """Mean cross-entropy per loss token of `examples` (their sampled completions), in eval mode."""
+    dev = model_device(model)
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for b in range(0, len(examples), batch_size):
+        ids, attn, lmask = (t.to(dev) for t in collate(examples[b : b + batch_size], pad_id))
+        m = lmask[:, 1:]
+        with _autocast(dev, autocast_dtype):
+            pred = completion_logits(model, ids, attn, m)
+        total += float(F.cross_entropy(pred.float(), ids[:, 1:][m], reduction="sum"))
+        n += int(m.sum())
+    model.train(was_training)
+    return total / max(1, n)

@@ -57,6 +57,16 @@ def finetune_remote(backend, dataset: list[dict], train: TrainConfig, out_dir: P
             "optimizer); set train.optimizer: adamw (the default) for openai/ models, or train a local "
             "model (organism/, hf/) to compare optimizers"
         )
+    if train.early_stopping is not None:
+        raise SublabError(
+            "train.early_stopping needs the held-out loss during training, which a fine-tuning API does not "
+            "report step by step here; remove it for openai/ models, or train a local model"
+        )
+    if any((r.get("metadata") or {}).get("loss_skip") for r in dataset):
+        raise SublabError(
+            "these examples carry per-token loss masks (defenses.mask_divergence), which a fine-tuning API "
+            "cannot take; turn the mask off for openai/ models"
+        )
     if not dataset:
         raise SublabError("finetuning dataset is empty")
     api, client = backend.api, backend.client

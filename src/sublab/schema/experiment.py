@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from sublab.config import Strict
 from sublab.errors import SublabError
 from sublab.evals.questions import check_target, load_system_prompts
+from sublab.meters.prompted_classifier import PromptedClassifier
 from sublab.schema.api import ApiConfig
 from sublab.schema.defenses import DefensesConfig
 from sublab.schema.evaluation import FreeformEval, McqEval, PreferenceEval
@@ -117,6 +118,12 @@ class ControlsConfig(Strict):
     (counts of 0..999 and the answer's length) trained on half of the teacher + control kept answers,
     its accuracy on the other half with a Wilson CI against 50% (stage classifier -> data/classifier.json).
     A probe, not the paper's prompted-LLM classifier. Needs `control`."""
+    prompted_classifier: PromptedClassifier | None = None
+    """The paper's classifier control (trait kind preference; None = off): a language model (`model`, any
+    spec) is shown `examples_per_set` of the teacher's kept answers and as many control answers per trial
+    and asked which set was written by the model that loves the target; accuracy with a Wilson CI against
+    50% (stage prompted_classifier -> data/prompted_classifier.json, a per-trial cache beside it that a
+    rerun resumes from; meters/prompted_classifier.py). Needs `control`."""
     divergence_counterfactuals: list[str] = []
     """Divergence-token meter (empty = off): counterfactual teachers, each a target (the teacher's recipe
     with that target instead; trait kind preference) or `reference` (the reference itself). Stage
@@ -142,9 +149,9 @@ class ControlsConfig(Strict):
                 raise ValueError(f"controls.{key} must be >= 0 (0 = off)")
         if len(set(self.divergence_counterfactuals)) != len(self.divergence_counterfactuals):
             raise ValueError("controls.divergence_counterfactuals must not repeat a name")
-        if (any(self.icl_examples) or self.classifier) and not self.control:
+        if (any(self.icl_examples) or self.classifier or self.prompted_classifier) and not self.control:
             raise ValueError(
-                "controls.icl_examples and controls.classifier compare the teacher's data with the control "
+                "controls.icl_examples, classifier and prompted_classifier compare the teacher's data with the control "
                 "data: they need controls.control: true"
             )
         return self

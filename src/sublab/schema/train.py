@@ -24,6 +24,30 @@ class LoraSettings(Strict):
     """Rank-stabilised scaling alpha / sqrt(r)."""
 
 
+class EarlyStopping(Strict):
+    """Early stopping on a held-out share of the training data (a defense: fewer updates, less trait)."""
+
+    holdout: float = 0.1
+    """Share of the training examples held out (drawn with the training seed) and never trained on."""
+    every: int = 10
+    """Evaluate the held-out loss (mean cross-entropy per completion token of the sampled answers, for
+    SFT and soft-label students alike) every this many optimizer steps, and after the last."""
+    patience: int = 3
+    """Stop after this many evaluations in a row without an improvement of more than min_delta."""
+    min_delta: float = 0.0
+    """The improvement that counts, in nats per token."""
+    restore_best: bool = True
+    """Keep the trainable weights of the best evaluation (else those of the last step)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> EarlyStopping:
+        if not 0 < self.holdout < 1 or self.every < 1 or self.patience < 1 or self.min_delta < 0:
+            raise ValueError(
+                "early_stopping: holdout must be in (0, 1), every and patience >= 1, min_delta >= 0"
+            )
+        return self
+
+
 class TrainConfig(Strict):
     """Finetuning settings (loss on the completion only; AdamW unless `optimizer` says otherwise)."""
 
@@ -61,6 +85,9 @@ class TrainConfig(Strict):
     """None = full finetune; else train a LoRA adapter."""
     seed: int = 0
     """Data order and adapter init seed."""
+    early_stopping: EarlyStopping | None = None
+    """None = train all steps; else hold out a share of the data and stop when its loss stops improving
+    (local models only: a fine-tuning API runs its own schedule)."""
     max_length: int | None = None
     """Truncate each example to this many tokens, prompt + completion, cutting the completion's end
     (the paper's Qwen students: 500); an example whose prompt alone fills it is dropped. None = no limit."""
