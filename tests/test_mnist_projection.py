@@ -116,7 +116,9 @@ def test_teacher_displacement_projection_uses_each_members_own_teacher():
         assert (_cos(projected, d_t.roll(1, 0)).abs() > 1e-4).any()
     # the recorded cosines are those of an independent computation
     per = spy.per_step()
-    assert torch.allclose(per["cos_grad"][:, 0], _cos(spy.seen[0][0], d_t), atol=1e-10)
+    assert torch.allclose(per["cos_descent"][:, 0], _cos(-spy.seen[0][0], d_t), atol=1e-10)
+    # the theorem: a same-init student's plain gradient step points along its teacher's displacement
+    assert (per["cos_descent"][:3, 0] > 0).all()
     assert per["cos_projected_grad"].abs().max() < 1e-10
     thetas = [start, *flats]
     for k in range(4):

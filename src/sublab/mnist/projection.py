@@ -20,7 +20,8 @@ Directions (config `distill.project_out`):
 
 Adam sees the projected gradient, but its update is -lr m_hat / (sqrt(v_hat) + eps), a per-coordinate
 rescaling (at step 1 nearly sign(g)), so the APPLIED update is not orthogonal to d. Every step records,
-per member: cos(g, d) before projection, cos(g, d) after (the check, ~0), and cos(applied update, d).
+per member: cos(-g, d) before projection (the plain gradient step's alignment with d, the theorem's sign
+convention), cos(g, d) after projection (the check, ~0), and cos(applied update, d).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class GradientProjection:
         self._dir: list[torch.Tensor] | None = None
         self._dd: torch.Tensor | None = None
         self._before: list[torch.Tensor] | None = None
-        self.cos_grad: list[torch.Tensor] = []
+        self.cos_descent: list[torch.Tensor] = []
         self.cos_projected: list[torch.Tensor] = []
         self.cos_update: list[torch.Tensor] = []
 
@@ -132,7 +133,7 @@ class GradientProjection:
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
             raise RuntimeError("gradient projection needs every parameter's .grad (call after backward)")
-        self.cos_grad.append(member_cos(grads, self._dir, self._dd))
+        self.cos_descent.append(-member_cos(grads, self._dir, self._dd))
         project_out_(grads, self._dir, self._dd)
         self.cos_projected.append(member_cos(grads, self._dir, self._dd))
         self._before = [p.detach().clone() for p in params]
@@ -152,7 +153,7 @@ class GradientProjection:
     def per_step(self) -> dict[str, torch.Tensor]:
         """(N, steps) tensors; column k-1 is step k."""
         return {
-            "cos_grad": torch.stack(self.cos_grad, 1),
+            "cos_descent": torch.stack(self.cos_descent, 1),
             "cos_projected_grad": torch.stack(self.cos_projected, 1),
             "cos_update": torch.stack(self.cos_update, 1),
         }
@@ -163,19 +164,19 @@ class GradientProjection:
         from sublab.mnist.theorem import distribution
 
         steps = self.per_step()
-        n_steps = steps["cos_grad"].shape[1]
+        n_steps = steps["cos_descent"].shape[1]
         k = min(first, n_steps)
         out: dict = {"kind": self.kind, "first_steps": k, "steps": n_steps, "arms": {}}
         for g in groups:
             s = {name: v[g.start : g.stop].double().cpu() for name, v in steps.items()}
             out["arms"][g.name] = {
-                "cos_grad_first": distribution(s["cos_grad"][:, :k].mean(1)),
+                "cos_descent_first": distribution(s["cos_descent"][:, :k].mean(1)),
                 "cos_update_first": distribution(s["cos_update"][:, :k].mean(1)),
-                "cos_grad_all": distribution(s["cos_grad"].mean(1)),
+                "cos_descent_all": distribution(s["cos_descent"].mean(1)),
                 "cos_update_all": distribution(s["cos_update"].mean(1)),
                 "max_abs_cos_projected_grad": float(s["cos_projected_grad"].abs().max()),
                 "per_step_mean": {
-                    "cos_grad": _floats(s["cos_grad"].mean(0)),
+                    "cos_descent": _floats(s["cos_descent"].mean(0)),
                     "cos_update": _floats(s["cos_update"].mean(0)),
                 },
             }

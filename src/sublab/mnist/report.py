@@ -218,8 +218,8 @@ def plot_projection(results: dict, path: Path) -> Path:
 
 
 def plot_projection_cosine(results: dict, path: Path) -> Path:
-    """Mean over aux-only students of cos(g, d) before projection (dashed) and cos(applied update, d)
-    (solid) at every distillation step, one colour per projecting setting."""
+    """Mean over aux-only students of cos(-g, d) before projection (dashed: the plain gradient step) and
+    cos(applied update, d) (solid) at every distillation step, one colour per projecting setting."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for i, s in enumerate(_projected(results)):
@@ -228,7 +228,7 @@ def plot_projection_cosine(results: dict, path: Path) -> Path:
         label = _project_label(s)
         ax.plot(ks, per["cos_update"], color=f"C{i}", lw=1.2, label=f"{label}: applied update")
         ax.plot(
-            ks, per["cos_grad"], color=f"C{i}", lw=1, ls="--", label=f"{label}: gradient before projection"
+            ks, per["cos_descent"], color=f"C{i}", lw=1, ls="--", label=f"{label}: -gradient, unprojected"
         )
     ax.axhline(0, c="k", lw=1)
     ax.set_xlabel("distillation step")
@@ -387,11 +387,13 @@ def _projection_section(results: dict) -> list[str]:
         )
     out += [
         "",
-        f"Cosine with the removed direction, per member averaged over the first {k} steps (and all steps), "
-        "mean over members [q05, q95]; the last column checks the projection (largest |cos| of a projected "
-        "gradient over all steps and members):",
+        f"Cosine with the removed direction d, per member averaged over the first {k} steps (and all steps), "
+        "mean over members [q05, q95]. -gradient: the plain (unprojected) gradient step, positive = it moves "
+        "along d (for teacher_displacement: toward the teacher; for digit_gradient, d is the digit-loss "
+        "gradient, so negative = down the digit loss). The last column checks the projection (largest |cos| "
+        "of a projected gradient over all steps and members):",
         "",
-        f"| setting | student arm | cos(gradient, d), first {k} | cos(applied update, d), first {k} "
+        f"| setting | student arm | cos(-gradient, d), first {k} | cos(applied update, d), first {k} "
         "| cos(applied update, d), all steps | max abs cos(projected gradient, d) |",
         "|---|---|---|---|---|---|",
     ]
@@ -399,7 +401,7 @@ def _projection_section(results: dict) -> list[str]:
         for arm in _ordered(s["projection"]["arms"]):
             st = s["projection"]["arms"][arm]
             out.append(
-                f"| {_project_label(s)} | {LABELS[arm]} | {_dist(st['cos_grad_first'])} "
+                f"| {_project_label(s)} | {LABELS[arm]} | {_dist(st['cos_descent_first'])} "
                 f"| {_dist(st['cos_update_first'])} | {_dist(st['cos_update_all'])} "
                 f"| {st['max_abs_cos_projected_grad']:.1e} |"
             )
