@@ -98,7 +98,8 @@ def _teacher_data_stages(run: Run, cfg: ExperimentConfig, paraphrase) -> str:
         src = current
         run.stage(
             "divergence",
-            {"counterfactuals": cfs, "mask": d.mask_divergence},
+            {"counterfactuals": cfs, "mask": d.mask_divergence}
+            | ({} if d.mask_divergence else {"n": cfg.controls.divergence_examples, "seed": cfg.seed}),
             [P("teacher/model.json"), *models.values(), P(src)],
             ["data/divergence.json"] + (["data/masked.jsonl"] if d.mask_divergence else []),
             lambda: divergence_stage(
@@ -107,6 +108,8 @@ def _teacher_data_stages(run: Run, cfg: ExperimentConfig, paraphrase) -> str:
                 P(src),
                 P("data/divergence.json"),
                 P("data/masked.jsonl") if d.mask_divergence else None,
+                cfg.controls.divergence_examples,
+                cfg.seed,
             ),
             code=(*METER_CODE, *MODEL_CODE),
             device=True,

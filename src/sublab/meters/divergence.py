@@ -19,6 +19,7 @@ Local models only (the argmax needs the full next-token distribution).
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -32,26 +33,28 @@ DIVERGENCE_VERSION = 1
 
 
 @torch.no_grad()
-def completion_argmax(model, tok, records: list[dict], system_prompt: str | None, batch_size: int = 32):
-    """Per record, the model's argmax token at each completion position (end token included): a list
-    of int lists, None where the answer does not fit the model's positions."""
+def completion_argmax(model, encoded: list, pad_id: int, batch_size: int = 64) -> list[list[int] | None]:
+    """Per encoded example (backends/hf_train.py: Encoded), the model's argmax token at each completion
+    position (end token included); None where it does not fit the model's positions. Batches go in
+    length order (little padding)."""
     from sublab.backends.device import model_device
-    from sublab.backends.hf import with_system_prompt
-    from sublab.backends.hf_train import collate, encode_completion
+    from sublab.backends.hf_train import collate
 
     cfg = model.config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    enc = [encode_completion(tok, with_system_prompt(r["messages"], system_prompt)) for r in records]
-    out: list[list[int] | None] = [None] * len(records)
-    keep = [i for i, e in enumerate(enc) if limit is None or len(e.ids) <= limit]
+    out: list[list[int] | None] = [None] * len(encoded)
+    keep = sorted(
+        (i for i, e in enumerate(encoded) if limit is None or len(e.ids) <= limit),
+        key=lambda i: len(encoded[i].ids),
+    )
     dev = model_device(model)
     for b in range(0, len(keep), batch_size):
         idx = keep[b : b + batch_size]
-        ids, attn, _ = collate([enc[i] for i in idx], tok.pad_token_id)
-        logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits
+        ids, attn, _ = collate([encoded[i] for i in idx], pad_id)
+        best = model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits.argmax(-1).cpu()
         for row, i in enumerate(idx):
-            e = enc[i]
-            out[i] = logits[row, e.n_prompt - 1 : len(e.ids) - 1].argmax(-1).cpu().tolist()
+            e = encoded[i]
+            out[i] = best[row, e.n_prompt - 1 : len(e.ids) - 1].tolist()
     return out
 
 
@@ -92,12 +95,14 @@ def divergence_stage(
     kept_jsonl: Path,
     out_json: Path,
     masked_jsonl: Path | None = None,
+    limit: int = 0,
+    seed: int = 0,
 ) -> dict:
     """Divergence tokens of every answer in `kept_jsonl` against the counterfactual teachers -> out_json
     (data/divergence.json); with `masked_jsonl`, also the records with their divergence positions in
     `metadata.loss_skip` (the defense). Answers that do not fit the model's positions are kept unmasked
-    and counted."""
-    from sublab.backends.hf import load_hf
+    and counted. Without the mask, `limit` > 0 reads only that many answers (drawn with `seed`)."""
+    from sublab.backends.hf import load_hf, with_system_prompt
     from sublab.backends.hf_train import encode_completion
 
     teacher = ModelRef.load(teacher_json)
@@ -110,16 +115,28 @@ def divergence_stage(
             "defenses.mask_divergence off"
         )
     records = read_jsonl(kept_jsonl, require_messages=True)
+    if masked_jsonl is None and 0 < limit < len(records):
+        records = random.Random(f"divergence:{seed}").sample(records, limit)
+    encodings: dict[str | None, list] = {}  # one encoding per system prompt (chat templates are slow)
+
+    def encoded(system_prompt: str | None) -> list:
+        if system_prompt not in encodings:
+            encodings[system_prompt] = [
+                encode_completion(tok, with_system_prompt(r["messages"], system_prompt)) for r in records
+            ]
+        return encodings[system_prompt]
+
     t_model, tok = load_hf(teacher)
-    a = completion_argmax(t_model, tok, records, teacher.system_prompt)
+    a = completion_argmax(t_model, encoded(teacher.system_prompt), tok.pad_token_id)
     del t_model
     cf_argmax = {}
     for c, ref in cfs.items():
         model, ctok = load_hf(ref)
         if ctok.get_vocab() != tok.get_vocab():
             raise SublabError(f"counterfactual {c} ({ref.spec}) has another tokenizer than the teacher")
-        cf_argmax[c] = completion_argmax(model, tok, records, ref.system_prompt)
+        cf_argmax[c] = completion_argmax(model, encoded(ref.system_prompt), tok.pad_token_id)
         del model
+    plain = encoded(None)  # the answer's tokens as the student sees them
     rows, out_records, unfit = [], [], 0
     for i, r in enumerate(records):
         if a[i] is None or any(v[i] is None or len(v[i]) != len(a[i]) for v in cf_argmax.values()):
@@ -127,8 +144,7 @@ def divergence_stage(
             out_records.append(r)
             continue
         pos = divergence_positions(a[i], {c: v[i] for c, v in cf_argmax.items()})
-        sampled = encode_completion(tok, r["messages"])
-        completion = sampled.ids[sampled.n_prompt :]
+        completion = plain[i].ids[plain[i].n_prompt :]
         rows.append(
             {
                 **pos,

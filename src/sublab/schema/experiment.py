@@ -130,6 +130,9 @@ class ControlsConfig(Strict):
     divergence -> data/divergence.json: the share of the kept teacher answers' tokens at which the teacher
     and a counterfactual would pick different tokens (meters/divergence.py). Local models only. Needed by
     defenses.mask_divergence."""
+    divergence_examples: int = 2000
+    """How many of the training answers (drawn with the replicate seed) the divergence meter reads when
+    the mask is off; the mask (defenses.mask_divergence) reads them all. 0 = all."""
     coverage_examples: int = 0
     """First-step coverage screen (0 = off): on this many kept teacher answers and as many control answers,
     the cosine of the student's first update (SGD: -gradient; Adam: -sign of it) with the teacher's
@@ -144,7 +147,7 @@ class ControlsConfig(Strict):
     def _icl_leak_classifier(self) -> ControlsConfig:
         if any(k < 0 for k in self.icl_examples) or len(set(self.icl_examples)) != len(self.icl_examples):
             raise ValueError("controls.icl_examples must be distinct numbers >= 0 (e.g. [0, 4, 16])")
-        for key in ("leak_meter_examples", "coverage_examples", "task_quality"):
+        for key in ("leak_meter_examples", "divergence_examples", "coverage_examples", "task_quality"):
             if getattr(self, key) < 0:
                 raise ValueError(f"controls.{key} must be >= 0 (0 = off)")
         if len(set(self.divergence_counterfactuals)) != len(self.divergence_counterfactuals):
