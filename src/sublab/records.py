@@ -55,6 +55,20 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
+def append_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Append records as JSON lines and flush them to disk (fsync) before returning: an append-only
+    cache whose lines survive a crash right after the call."""
+    if not records:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():

@@ -14,13 +14,11 @@ Judge calls that failed are not written, so a rerun asks them again.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from sublab.backends.base import ModelRef
 from sublab.errors import SublabError
-from sublab.records import read_jsonl, sha256_json
+from sublab.records import append_jsonl, read_jsonl, sha256_json
 
 
 def judge_identity(ref: ModelRef) -> dict:
@@ -92,13 +90,6 @@ class JudgementCache:
 
     def append(self, records: list[dict]) -> None:
         """Write finished judgements (each with its 'key') and flush them to disk before returning."""
-        if not records:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, records)
         for r in records:
             self.records[r["key"]] = r

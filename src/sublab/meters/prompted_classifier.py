@@ -30,8 +30,6 @@ written (atomically) only when every trial has a reply, so a failed run never le
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import time
@@ -43,7 +41,7 @@ from tqdm import tqdm
 
 from sublab.config import Strict
 from sublab.errors import SublabError
-from sublab.records import atomic_write_json, read_jsonl, sha256_json
+from sublab.records import append_jsonl, atomic_write_json, read_jsonl, sha256_json
 
 if TYPE_CHECKING:
     from sublab.backends.base import Backend
@@ -352,14 +350,7 @@ class TrialCache:
 
     def append(self, records: list[dict]) -> None:
         """Write lines and flush them to disk before returning."""
-        if not records:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, records)
         for r in records:
             if "key" in r:
                 self.records[r["key"]] = r
