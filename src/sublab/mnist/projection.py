@@ -85,7 +85,7 @@ class GradientProjection:
         self._fixed = fixed
         self._dir: list[torch.Tensor] | None = None
         self._dd: torch.Tensor | None = None
-        self._before: list[torch.Tensor] | None = None
+        self._before: list[torch.Tensor] | None = None  # theta before the step, then the applied update
         self.cos_descent: list[torch.Tensor] = []
         self.cos_projected: list[torch.Tensor] = []
         self.cos_update: list[torch.Tensor] = []
@@ -136,7 +136,10 @@ class GradientProjection:
         self.cos_descent.append(-member_cos(grads, self._dir, self._dd))
         project_out_(grads, self._dir, self._dd)
         self.cos_projected.append(member_cos(grads, self._dir, self._dd))
-        self._before = [p.detach().clone() for p in params]
+        if self._before is None:  # one buffer per parameter, reused every step
+            self._before = [torch.empty_like(p) for p in params]
+        for b, p in zip(self._before, params, strict=True):
+            b.copy_(p.detach())
 
     @torch.no_grad()
     def after_step(self, step: int, students: Ensemble) -> None:
@@ -146,7 +149,6 @@ class GradientProjection:
             torch.sub(p.detach(), b, out=b) for p, b in zip(students.parameters(), self._before, strict=True)
         ]
         self.cos_update.append(member_cos(delta, self._dir, self._dd))
-        self._before = None
 
     # -------------------------------------------------------------- results
 
