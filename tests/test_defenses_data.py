@@ -339,6 +339,7 @@ def test_sweep_report_sets_each_defense_beside_none_and_ranks_the_meters(tmp_pat
     assert cells[("none", "wolf")]["share_of_baseline"] == pytest.approx(1.0)
     preds = {m["meter"]: m for m in res["meter_predictions"]}
     assert preds["KL per token"]["spearman"] == pytest.approx(1.0) and preds["KL per token"]["n"] == 12
+    assert preds["KL per token"]["auroc"] == 1.0 and preds["divergence-token rate"]["auroc"] == 0.0
     assert preds["divergence-token rate"]["spearman"] == pytest.approx(-1.0)
     assert math.isnan(preds["KL per answer"]["spearman"])  # constant: no ranking
     md = (tmp_path / "report.md").read_text()

@@ -194,7 +194,9 @@ def auroc(scores: list[float], labels: list[bool]) -> float:
 
 def meter_predictions(rows: list[dict]) -> list[dict]:
     """Per meter, across the runs (teachers) that have it: Spearman's rho (and p) with the run's own
-    student - control P(target), and the AUROC of the meter for runs whose student gained (effect > 0)."""
+    student - control P(target), and the AUROC of the meter for runs whose effect is above the median
+    effect of those runs (high against low transfer; with most teachers transferring something, effect
+    > 0 would leave no negatives)."""
     from scipy.stats import spearmanr
 
     out = []
@@ -208,14 +210,18 @@ def meter_predictions(rows: list[dict]) -> list[dict]:
             continue
         x, y = [a for a, _ in pts], [b for _, b in pts]
         rho, p = spearmanr(x, y) if len(set(x)) > 1 and len(set(y)) > 1 else (math.nan, math.nan)
+        median = float(np.median(y))
+        high = [b > median for b in y]
         out.append(
             {
                 "meter": name,
                 "n": len(pts),
                 "spearman": float(rho),
                 "p": float(p),
-                "auroc": auroc(x, [b > 0 for b in y]),
-                "positives": sum(b > 0 for b in y),
+                "auroc": auroc(x, high),
+                "median_effect": median,
+                "above_median": sum(high),
+                "positive_effects": sum(b > 0 for b in y),
             }
         )
     return out
@@ -230,16 +236,16 @@ def meters_sweep_markdown(preds: list[dict]) -> list[str]:
         "",
         "Across the sweep's runs (each a teacher at one replicate seed): Spearman's rho between each meter "
         "and that run's student - control P(target), with its p-value, and the meter's AUROC for telling "
-        "runs whose student gained (effect > 0) from the rest. One seed per teacher makes each run's effect "
-        "noisy: a weak correlation may be the effect's noise, not the meter's.",
+        "runs with an effect above the median (high transfer) from the rest. One seed per teacher makes "
+        "each run's effect noisy: a weak correlation may be the effect's noise, not the meter's.",
         "",
-        "| meter | runs | Spearman rho | p | AUROC (effect > 0) | runs with effect > 0 |",
-        "|---|---|---|---|---|---|",
+        "| meter | runs | Spearman rho | p | AUROC (above-median effect) | median effect | runs with effect > 0 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in preds:
         lines.append(
             f"| {m['meter']} | {m['n']} | {m['spearman']:+.3f} | {m['p']:.2g} | {_f(m['auroc'], 3)} "
-            f"| {m['positives']} |"
+            f"| {m['median_effect']:+.4f} | {m['positive_effects']} |"
         )
     return lines
 
