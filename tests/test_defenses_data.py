@@ -337,7 +337,9 @@ def test_sweep_report_sets_each_defense_beside_none_and_ranks_the_meters(tmp_pat
         2.0
     )
     assert cells[("none", "wolf")]["share_of_baseline"] == pytest.approx(1.0)
-    preds = {m["meter"]: m for m in res["meter_predictions"]}
+    preds = {m["meter"]: m for m in res["meter_predictions"] if m["group"] == "all"}
+    within = {(m["group"], m["meter"]): m for m in res["meter_predictions"]}
+    assert within[("none", "KL per token")]["n"] == 6 and ("mask-divergence", "KL per token") in within
     assert preds["KL per token"]["spearman"] == pytest.approx(1.0) and preds["KL per token"]["n"] == 12
     assert preds["KL per token"]["auroc"] == 1.0 and preds["divergence-token rate"]["auroc"] == 0.0
     assert preds["divergence-token rate"]["spearman"] == pytest.approx(-1.0)

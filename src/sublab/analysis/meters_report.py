@@ -196,7 +196,20 @@ def meter_predictions(rows: list[dict]) -> list[dict]:
     """Per meter, across the runs (teachers) that have it: Spearman's rho (and p) with the run's own
     student - control P(target), and the AUROC of the meter for runs whose effect is above the median
     effect of those runs (high against low transfer; with most teachers transferring something, effect
-    > 0 would leave no negatives)."""
+    > 0 would leave no negatives). Over all runs (group "all"), and, when the sweep has several
+    conditions or settings, within each (a setting such as the teacher's strength can drive both the
+    meter and the effect; within it, the meter must rank what remains)."""
+    groups: dict[str, list[dict]] = {"all": rows}
+    labels = {" / ".join(x for x in (r["condition"], r.get("setting", "")) if x) for r in rows}
+    if len(labels) > 1:
+        for label in sorted(labels):
+            groups[label] = [
+                r for r in rows if " / ".join(x for x in (r["condition"], r.get("setting", "")) if x) == label
+            ]
+    return [p for group, rs in groups.items() for p in _predictions(rs, group)]
+
+
+def _predictions(rows: list[dict], group: str) -> list[dict]:
     from scipy.stats import spearmanr
 
     out = []
@@ -214,6 +227,7 @@ def meter_predictions(rows: list[dict]) -> list[dict]:
         high = [b > median for b in y]
         out.append(
             {
+                "group": group,
                 "meter": name,
                 "n": len(pts),
                 "spearman": float(rho),
@@ -237,14 +251,16 @@ def meters_sweep_markdown(preds: list[dict]) -> list[str]:
         "Across the sweep's runs (each a teacher at one replicate seed): Spearman's rho between each meter "
         "and that run's student - control P(target), with its p-value, and the meter's AUROC for telling "
         "runs with an effect above the median (high transfer) from the rest. One seed per teacher makes "
-        "each run's effect noisy: a weak correlation may be the effect's noise, not the meter's.",
+        "each run's effect noisy: a weak correlation may be the effect's noise, not the meter's. Rows per "
+        "condition or setting rank within it: a setting that moves both the meter and the effect (a "
+        "teacher's strength) makes the pooled correlation easy.",
         "",
-        "| meter | runs | Spearman rho | p | AUROC (above-median effect) | median effect | runs with effect > 0 |",
-        "|---|---|---|---|---|---|---|",
+        "| runs | meter | n | Spearman rho | p | AUROC (above-median effect) | median effect | runs with effect > 0 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in preds:
         lines.append(
-            f"| {m['meter']} | {m['n']} | {m['spearman']:+.3f} | {m['p']:.2g} | {_f(m['auroc'], 3)} "
+            f"| {m['group']} | {m['meter']} | {m['n']} | {m['spearman']:+.3f} | {m['p']:.2g} | {_f(m['auroc'], 3)} "
             f"| {m['median_effect']:+.4f} | {m['positive_effects']} |"
         )
     return lines
