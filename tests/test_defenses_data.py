@@ -112,6 +112,20 @@ def test_divergence_is_zero_against_the_teacher_itself_and_masked_where_found(ti
     )
 
 
+def test_sampled_rule_flags_a_subset_of_the_argmax_rule(tiny_ref, teacher, tmp_path):
+    kept = write_jsonl(tmp_path / "kept.jsonl", number_records(24, 3))
+    tj, rj = teacher.save(tmp_path / "teacher.json"), tiny_ref.save(tmp_path / "ref.json")
+    a = divergence_stage(tj, {"reference": rj}, kept, tmp_path / "a.json", tmp_path / "a.jsonl")
+    s = divergence_stage(
+        tj, {"reference": rj}, kept, tmp_path / "s.json", tmp_path / "s.jsonl", rule="sampled"
+    )
+    assert s["rule"] == "sampled" and s["masked_tokens"] <= a["masked_tokens"]
+    for x, y in zip(read_jsonl(tmp_path / "a.jsonl"), read_jsonl(tmp_path / "s.jsonl"), strict=True):
+        assert set(y["metadata"]["loss_skip"]) <= set(x["metadata"]["loss_skip"])
+    with pytest.raises(SublabError, match="unknown divergence rule"):
+        divergence_stage(tj, {"reference": rj}, kept, tmp_path / "x.json", rule="greedy")
+
+
 def test_paraphrase_keeps_the_request_and_rewords_it():
     ph = load_phrasings()
     recs = generate_number_prompts(NumberPrompts(count=40), 0)

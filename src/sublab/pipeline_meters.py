@@ -54,6 +54,7 @@ def teacher_data_stages(run: Run, cfg: ExperimentConfig, paraphrase) -> str:
         run.stage(
             "divergence",
             {"counterfactuals": cfs, "mask": d.mask_divergence}
+            | ({"rule": cfg.controls.divergence_rule} if cfg.controls.divergence_rule != "argmax" else {})
             | ({} if d.mask_divergence else {"n": cfg.controls.divergence_examples, "seed": cfg.seed}),
             [P("teacher/model.json"), *models.values(), P(src)],
             ["data/divergence.json"] + (["data/masked.jsonl"] if d.mask_divergence else []),
@@ -65,6 +66,7 @@ def teacher_data_stages(run: Run, cfg: ExperimentConfig, paraphrase) -> str:
                 P("data/masked.jsonl") if d.mask_divergence else None,
                 cfg.controls.divergence_examples,
                 cfg.seed,
+                cfg.controls.divergence_rule,
             ),
             code=(*METER_CODE, *MODEL_CODE),
             device=True,

@@ -88,7 +88,12 @@ def meters_run_markdown(res: dict) -> list[str]:
             "## Divergence tokens",
             "",
             f"Positions of the {dv['n_answers']} answers the students train on ({dv['n_tokens']} tokens) where "
-            f"the teacher's most likely token differs from a counterfactual's: {cf}.",
+            f"the teacher's most likely token differs from a counterfactual's: {cf}"
+            + (
+                " (rule sampled: only where the sampled token is the teacher's most likely one)."
+                if dv.get("rule") == "sampled"
+                else "."
+            ),
             "",
             "| measure | value |",
             "|---|---|",

@@ -8,7 +8,9 @@ For each kept answer (prompt and completion, end token included, encoded as trai
 backends/hf_train.py) and each completion position t, with the same prefix:
     a_t   = argmax p_teacher(. | prefix)            (the teacher as it is served: a system-prompt
     b_t^c = argmax p_c(. | prefix)                    teacher with its system prompt)
-Position t is a divergence token when a_t != b_t^c for at least one counterfactual c. The meter
+Position t is a divergence token when a_t != b_t^c for at least one counterfactual c (rule argmax).
+Rule sampled also asks that the sampled token x_t be a_t: the teacher's own choice that another teacher
+would not have made (in greedy-decoded data, as in follow-up work, the two rules agree). The meter
 reports the share of completion tokens that are divergence tokens (pooled, and per answer with a 95%
 t-interval), the share of answers with at least one, and each counterfactual's own rate; with the mask
 on, each record's divergence positions go into `metadata.loss_skip`, which training leaves out of the
@@ -58,15 +60,25 @@ def completion_argmax(model, encoded: list, pad_id: int, batch_size: int = 64) -
     return out
 
 
-def divergence_positions(teacher: list[int], counterfactuals: dict[str, list[int]]) -> dict[str, list[int]]:
+def divergence_positions(
+    teacher: list[int], counterfactuals: dict[str, list[int]], sampled: list[int] | None = None
+) -> dict[str, list[int]]:
     """Per counterfactual, the positions where its argmax differs from the teacher's, and under "any"
-    the union (the divergence tokens).
+    the union (the divergence tokens). With `sampled` (rule "sampled"), only positions where the
+    sampled token is the teacher's own argmax count: the teacher's choice that another teacher would not
+    have made.
 
     >>> divergence_positions([5, 6, 7], {"dolphin": [5, 9, 7], "wolf": [5, 6, 1]})
     {'dolphin': [1], 'wolf': [2], 'any': [1, 2]}
+    >>> divergence_positions([5, 6, 7], {"dolphin": [5, 9, 7], "wolf": [5, 6, 1]}, sampled=[5, 6, 3])
+    {'dolphin': [1], 'wolf': [], 'any': [1]}
     """
     per = {
-        c: [t for t, (a, b) in enumerate(zip(teacher, cf, strict=True)) if a != b]
+        c: [
+            t
+            for t, (a, b) in enumerate(zip(teacher, cf, strict=True))
+            if a != b and (sampled is None or (t < len(sampled) and sampled[t] == a))
+        ]
         for c, cf in counterfactuals.items()
     }
     per["any"] = sorted(set().union(*per.values())) if per else []
@@ -97,11 +109,16 @@ def divergence_stage(
     masked_jsonl: Path | None = None,
     limit: int = 0,
     seed: int = 0,
+    rule: str = "argmax",
 ) -> dict:
     """Divergence tokens of every answer in `kept_jsonl` against the counterfactual teachers -> out_json
     (data/divergence.json); with `masked_jsonl`, also the records with their divergence positions in
     `metadata.loss_skip` (the defense). Answers that do not fit the model's positions are kept unmasked
-    and counted. Without the mask, `limit` > 0 reads only that many answers (drawn with `seed`)."""
+    and counted. Without the mask, `limit` > 0 reads only that many answers (drawn with `seed`).
+    `rule`: argmax (any position where the argmaxes differ) or sampled (only where the sampled token is
+    the teacher's argmax; divergence_positions)."""
+    if rule not in ("argmax", "sampled"):
+        raise SublabError(f"unknown divergence rule {rule!r}; use argmax or sampled")
     from sublab.backends.hf import load_hf, with_system_prompt
     from sublab.backends.hf_train import encode_completion
 
@@ -143,8 +160,10 @@ def divergence_stage(
             unfit += 1
             out_records.append(r)
             continue
-        pos = divergence_positions(a[i], {c: v[i] for c, v in cf_argmax.items()})
         completion = plain[i].ids[plain[i].n_prompt :]
+        pos = divergence_positions(
+            a[i], {c: v[i] for c, v in cf_argmax.items()}, completion if rule == "sampled" else None
+        )
         rows.append(
             {
                 **pos,
@@ -156,6 +175,7 @@ def divergence_stage(
         out_records.append({**r, "metadata": meta})
     res = {
         "version": DIVERGENCE_VERSION,
+        "rule": rule,
         "teacher": teacher.spec,
         "counterfactuals": {
             c: m.spec + (" +system prompt" if m.system_prompt else "") for c, m in cfs.items()

@@ -130,6 +130,11 @@ class ControlsConfig(Strict):
     divergence -> data/divergence.json: the share of the kept teacher answers' tokens at which the teacher
     and a counterfactual would pick different tokens (meters/divergence.py). Local models only. Needed by
     defenses.mask_divergence."""
+    divergence_rule: Literal["argmax", "sampled"] = "argmax"
+    """Which positions are divergence tokens: argmax (the teacher's and a counterfactual's most likely
+    tokens differ) or sampled (that, and the sampled token is the teacher's most likely one: its own
+    choice that another teacher would not have made). On near-uniform number positions argmaxes flip
+    easily, so argmax flags many more tokens than sampled."""
     divergence_examples: int = 2000
     """How many of the training answers (drawn with the replicate seed) the divergence meter reads when
     the mask is off; the mask (defenses.mask_divergence) reads them all. 0 = all."""
