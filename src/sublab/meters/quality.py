@@ -95,9 +95,10 @@ def task_quality(
     elif not heldout:
         res["task_loss_skipped"] = "the reference kept none of its held-out answers"
     else:
-        from sublab.backends.hf import load_hf
+        from sublab.backends.hf import HFBackend, load_hf
 
-        model, tok = load_hf(ref)
+        # the sampling backend's own weights when it is the hf backend (organisms too), else load them
+        model, tok = (backend.model, backend.tok) if isinstance(backend, HFBackend) else load_hf(ref)
         rows = answer_nll(model, tok, heldout, ref.system_prompt)
         tokens = sum(n for _, n in rows)
         res |= {
