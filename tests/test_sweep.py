@@ -232,3 +232,16 @@ def test_cross_model_report_diagonal_once_per_unit(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "## Cross-model" in md and "| sft | owl | organism/a | organism/a (same) | 3 |" in md
     assert (tmp_path / "figures" / "cross_model.png").is_file()
+
+
+def test_a_second_sweep_into_a_busy_folder_is_a_clear_error(sweep_file, tmp_path):
+    from sublab.sweep.local import hold_sweep_lock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    lock = hold_sweep_lock(out)  # as a running sweep holds it
+    try:
+        with pytest.raises(SublabError, match="another sweep is running"):
+            run_sweep(sweep_file, out=out, progress=False)
+    finally:
+        lock.release()

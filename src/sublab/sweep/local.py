@@ -83,6 +83,22 @@ def run_sweep(
     )
 
 
+def hold_sweep_lock(root: Path):
+    """The sweep folder's lock (root/sweep.lock), taken without waiting: two sweeps writing one folder
+    would train the same run twice at once."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(root / "sweep.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SublabError(
+            f"another sweep is running in {root} (it holds {root / 'sweep.lock'}); wait for it to finish, "
+            "or give this one another --out"
+        ) from None
+    return lock
+
+
 def run_replicates(cfg: ExperimentConfig, out: str | Path, progress: bool = True, workers: int = 1) -> Path:
     """`sublab run` with `replicates`: one run per replicate seed under <out>/runs/, sharing the reference
     and the teacher through the stage store, and the effect across replicates in <out>/report.md."""
@@ -121,71 +137,79 @@ def execute(
         )
     root = Path(out or f"runs/{cfg.name}").resolve()  # absolute: Ray workers may start elsewhere
     root.mkdir(parents=True, exist_ok=True)
-    state = {
-        "sweep": cfg.model_dump(mode="json"),
-        "sweep_file": sweep_file,
-        "runs": [],
-        "executor": executor,
-        "workers": workers,
-    }
-    if executor == "ray":  # connect first: a bad address fails before anything starts
-        from sublab.sweep.ray_executor import connect
+    lock = hold_sweep_lock(root)
+    try:
+        state = {
+            "sweep": cfg.model_dump(mode="json"),
+            "sweep_file": sweep_file,
+            "runs": [],
+            "executor": executor,
+            "workers": workers,
+        }
+        if executor == "ray":  # connect first: a bad address fails before anything starts
+            from sublab.sweep.ray_executor import connect
 
-        state["ray"] = connect(address, num_cpus=min(cores, max(1, workers) * threads))
-        parallel = max(1, int(state["ray"]["cluster_cpus"] // (cfg.resources.cpus or threads)))
-    else:
-        parallel = workers
-    bar = tqdm(total=len(runs), desc=f"sweep {cfg.name}", disable=not progress)
-    counts = {"done": 0, "failed": 0, "stages_run": 0, "stages_skipped": 0, "stages_shared": 0}
-    t0 = time.time()
-    tasks = {
-        r["name"]: (
-            configs[r["name"]]
-            .model_copy(update={"progress": False, "name": r["name"]})
-            .model_dump(mode="json"),
-            str(root / "runs" / r["name"]),
-            str(root / "stages"),
-            cfg.retries,
-        )
-        for r in runs
-    }
-    records: dict[str, dict] = {}
+            state["ray"] = connect(address, num_cpus=min(cores, max(1, workers) * threads))
+            parallel = max(1, int(state["ray"]["cluster_cpus"] // (cfg.resources.cpus or threads)))
+        else:
+            parallel = workers
+        bar = tqdm(total=len(runs), desc=f"sweep {cfg.name}", disable=not progress)
+        counts = {"done": 0, "failed": 0, "stages_run": 0, "stages_skipped": 0, "stages_shared": 0}
+        t0 = time.time()
+        tasks = {
+            r["name"]: (
+                configs[r["name"]]
+                .model_copy(update={"progress": False, "name": r["name"]})
+                .model_dump(mode="json"),
+                str(root / "runs" / r["name"]),
+                str(root / "stages"),
+                cfg.retries,
+            )
+            for r in runs
+        }
+        records: dict[str, dict] = {}
 
-    def finished(name: str, rec: dict) -> None:
-        records[name] = rec
-        counts[rec["status"]] += 1
-        for k in ("stages_run", "stages_skipped", "stages_shared"):
-            counts[k] += rec.get(k, 0)
-        done = [
-            {**r, "folder": f"runs/{r['name']}", **records[r["name"]]} for r in runs if r["name"] in records
-        ]
-        state.update(runs=done, counts=counts, seconds=round(time.time() - t0, 1))
-        atomic_write_json(root / "sweep.json", state)  # progress on disk after every run
-        bar.update(1)
-        left = len(runs) - len(records)
-        bar.set_postfix(
-            done=counts["done"],
-            failed=counts["failed"],
-            running=min(parallel, left),
-            queued=max(0, left - parallel),
-        )
+        def finished(name: str, rec: dict) -> None:
+            records[name] = rec
+            counts[rec["status"]] += 1
+            for k in ("stages_run", "stages_skipped", "stages_shared"):
+                counts[k] += rec.get(k, 0)
+            done = [
+                {**r, "folder": f"runs/{r['name']}", **records[r["name"]]}
+                for r in runs
+                if r["name"] in records
+            ]
+            state.update(runs=done, counts=counts, seconds=round(time.time() - t0, 1))
+            atomic_write_json(root / "sweep.json", state)  # progress on disk after every run
+            bar.update(1)
+            left = len(runs) - len(records)
+            bar.set_postfix(
+                done=counts["done"],
+                failed=counts["failed"],
+                running=min(parallel, left),
+                queued=max(0, left - parallel),
+            )
 
-    if executor == "ray":
-        from sublab.sweep.ray_executor import run_on_ray
+        if executor == "ray":
+            from sublab.sweep.ray_executor import run_on_ray
 
-        state["ray"]["seconds"] = run_on_ray(tasks, cfg.resources, threads, finished, cfg.retries)
-    elif workers == 1:
-        for r in runs:
-            finished(r["name"], _run_one(*tasks[r["name"]]))
-    else:
-        # spawn, not fork: a forked child of a process that already ran torch can deadlock
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_run_one, *tasks[r["name"]]): r["name"] for r in runs}
-            for fut in as_completed(futures):
-                finished(futures[fut], fut.result())
-    bar.close()
-    write_sweep_report(root)
-    if counts["failed"]:
-        errs = "; ".join(f"{e['name']}: {e.get('error')}" for e in state["runs"] if e["status"] == "failed")
-        raise SublabError(f"{counts['failed']} run(s) failed ({errs}); rerun the sweep to retry them")
-    return root
+            state["ray"]["seconds"] = run_on_ray(tasks, cfg.resources, threads, finished, cfg.retries)
+        elif workers == 1:
+            for r in runs:
+                finished(r["name"], _run_one(*tasks[r["name"]]))
+        else:
+            # spawn, not fork: a forked child of a process that already ran torch can deadlock
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_run_one, *tasks[r["name"]]): r["name"] for r in runs}
+                for fut in as_completed(futures):
+                    finished(futures[fut], fut.result())
+        bar.close()
+        write_sweep_report(root)
+        if counts["failed"]:
+            errs = "; ".join(
+                f"{e['name']}: {e.get('error')}" for e in state["runs"] if e["status"] == "failed"
+            )
+            raise SublabError(f"{counts['failed']} run(s) failed ({errs}); rerun the sweep to retry them")
+        return root
+    finally:
+        lock.release()
