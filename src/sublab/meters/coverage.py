@@ -32,8 +32,11 @@ from sublab.records import atomic_write_json, read_jsonl
 COVERAGE_VERSION = 1
 
 
-def sft_gradient(model, tok, records: list[dict], batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """The gradient of the mean per-token SFT loss (completion tokens and end token) over `records`."""
+def sft_gradient(
+    model, tok, records: list[dict], batch_size: int = 64
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The gradient of the mean per-token SFT loss (completion tokens and end token) over `records`, and
+    their number of loss tokens (to combine gradients of parts into the whole's)."""
     import torch.nn.functional as F
 
     from sublab.backends.device import model_device
@@ -58,7 +61,7 @@ def sft_gradient(model, tok, records: list[dict], batch_size: int = 64) -> dict[
     for p in params.values():
         p.grad = None
         p.requires_grad_(False)
-    return grads
+    return grads, n_tok
 
 
 def cosines(grad: dict[str, torch.Tensor], displacement: dict[str, torch.Tensor]) -> dict:
@@ -125,9 +128,12 @@ def coverage_stage(
         records = read_jsonl(path, require_messages=True)
         if len(records) > n:
             records = random.Random(f"coverage:{seed}:{label}").sample(records, n)
-        whole = cosines(sft_gradient(r_model, tok, records), displacement)
-        parts = [records[i::chunks] for i in range(chunks)]
-        per = [cosines(sft_gradient(r_model, tok, p), displacement) for p in parts if p]
+        parts = [sft_gradient(r_model, tok, records[i::chunks]) for i in range(chunks) if records[i::chunks]]
+        total = sum(n for _, n in parts)
+        # the whole data's per-token mean gradient is the token-weighted mean of its parts'
+        whole_grad = {k: sum(g[k] * (n / total) for g, n in parts) for k in parts[0][0]}
+        whole = cosines(whole_grad, displacement)
+        per = [cosines(g, displacement) for g, _ in parts]
         res[label] = {
             "n": len(records),
             **whole,
