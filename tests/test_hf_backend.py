@@ -39,8 +39,8 @@ def _default_device():
     configure(None, None)
 
 
-def save_tiny(folder, tok, seed=0, layers=1):
-    r = OrganismRecipe(seed=seed, d_model=32, heads=2, d_ff=64, layers=layers)
+def save_tiny(folder, tok, seed=0, layers=1, arch="llama"):
+    r = OrganismRecipe(seed=seed, d_model=32, heads=2, d_ff=64, layers=layers, arch=arch)
     make_model(r, len(tok), tok.pad_token_id, tok.eos_token_id).save_pretrained(folder)
     tok.save_pretrained(folder)
     return ModelRef(spec=f"hf/{folder}", path=str(folder), kind="base")
@@ -112,6 +112,28 @@ def test_lora_finetune_moves_adapters_not_base_and_passes_peft_settings(tmp_path
     assert changed and all("q_proj" in k or "down_proj" in k for k in changed)
     lines = (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6 and json.loads(lines[0])["lr"] < json.loads(lines[1])["lr"]  # warm-up
+
+
+@pytest.mark.parametrize(
+    ("arch", "modules"),
+    [
+        ("llama", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+        ("gpt2", {"c_attn", "c_proj", "c_fc"}),
+    ],
+)
+def test_default_lora_adapts_every_projection_whatever_the_architecture_names_it(
+    tmp_path, word_tok, arch, modules
+):
+    """The default target_modules (all-linear) works on the GPT-2 organism too, where a fixed list of
+    Llama names finds nothing; the tied output head gets no adapter."""
+    base = save_tiny(tmp_path / "base", word_tok, arch=arch)
+    train = TrainConfig(lr=1e-2, max_steps=2, batch_size=8, lora=LoraSettings(r=2))
+    finetune_hf(base, number_records(8), train, tmp_path / "s", progress=False)
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "s" / "adapter" / "adapter_model.safetensors")
+    adapted = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter}
+    assert adapted == modules
 
 
 def test_completion_only_loss_equals_hf_loss_with_masked_prompt(tiny_ref):

@@ -18,8 +18,10 @@ class LoraSettings(Strict):
     """Scaling numerator (alpha / r, or alpha / sqrt(r) with rslora)."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    """Module names that get adapters (default: all attention and MLP projections)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names that get adapters, or all-linear (PEFT's: every linear layer but the output head, i.e.
+    all attention and MLP projections, whatever the architecture names them: q_proj ... down_proj on
+    Llama and Qwen, c_attn, c_proj and c_fc on GPT-2)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
 
