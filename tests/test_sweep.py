@@ -167,6 +167,7 @@ def test_report_from_fixture_folders_heatmap_and_dose_response(tmp_path):
         if e["setting"] == "r=8" and e["target"] == "owl" and e["effect"] == "student - control"
     )
     assert e["mean"] == pytest.approx(0.12 - 0.07) and e["seeds"] == [0, 1, 2]
+    assert e["unit_values"] == pytest.approx([0.12 - 0.07] * 3)  # each seed's own student - control
     x = next(e for e in agg["effects"] if e["effect"].startswith("cross_init") and e["setting"] == "r=4")
     assert x["mean"] == pytest.approx(0.001)
     assert numeric_axes(read_json(tmp_path / "sweep_results.json")["runs"]) == ["student.train.lora.r"]

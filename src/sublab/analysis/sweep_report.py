@@ -138,6 +138,7 @@ def aggregate(rows: list[dict]) -> dict:
                         "seeds": [r["seed"] for r in rs],
                         "organism_seeds": sorted({r.get("organism_seed", 0) for r in rs}),
                         "units": [r.get("unit", str(r["seed"])) for r in rs],
+                        "unit_values": [r["p"][a] - r["p"][b] for r in rs],
                         "min_permutation_p": min_permutation_p(len(rs)),
                         **c,
                     }
@@ -383,14 +384,19 @@ def dose_response(agg: dict, axis: str, path: Path) -> None:
         lo = [e["mean"] - e["lo"] if e["lo"] == e["lo"] else 0 for e in es]
         hi = [e["hi"] - e["mean"] if e["hi"] == e["hi"] else 0 for e in es]
         label = " / ".join(x for x in (cond, rest, target, effect) if x)
-        ax.errorbar(xs, [e["mean"] for e in es], yerr=[lo, hi], marker="o", capsize=3, label=label)
+        bar = ax.errorbar(xs, [e["mean"] for e in es], yerr=[lo, hi], marker="o", capsize=3, label=label)
+        units = [(x, v) for x, e in zip(xs, es, strict=True) for v in e.get("unit_values", [])]
+        if units:  # each unit's own effect, so the spread behind the CI shows
+            ux, uy = zip(*units, strict=True)
+            ax.scatter(ux, uy, s=9, alpha=0.45, color=bar[0].get_color(), zorder=3)
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
         ax.set_xscale("log")
     ax.axhline(0, color="#777777", lw=0.8)
     ax.set_xlabel(axis)
     ax.set_ylabel("effect on P(target)")
     ax.set_title(
-        f"dose-response: effect vs {axis} (mean over units (replicate x organism seeds), 95% CI)", fontsize=9
+        f"dose-response: effect vs {axis}\nmean over units (replicate x organism seeds) with 95% CI; dots: units",
+        fontsize=9,
     )
     ax.legend(fontsize=6)
     save_figure(fig, path)
