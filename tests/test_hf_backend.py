@@ -390,3 +390,23 @@ def test_smollm2_converts_loads_and_samples():
     assert "4" in out[0]
     ex = encode_completion(b.tok, chat("Hi", "Hello"))
     assert isinstance(ex, Encoded) and ex.ids[-1] == b.tok.eos_token_id
+
+
+def test_model_identity_names_the_weights_behind_a_spec_without_building(tmp_path, monkeypatch, word_tok):
+    """Stage keys of stages that use a judge or classifier record model_identity, so other weights behind
+    the same spec (an edited organism preset, a retrained local folder) redo the stage."""
+    from sublab.backends.registry import model_identity
+    from sublab.organism import recipe
+
+    monkeypatch.setenv("SUBLAB_CACHE", str(tmp_path / "cache"))
+    before = model_identity("organism/tiny-judge")
+    assert before.startswith("tiny-judge-seed0-") and not (tmp_path / "cache").exists()  # nothing built
+    monkeypatch.setitem(recipe.PRESETS, "tiny-judge", {**recipe.PRESETS["tiny-judge"], "steps": 151})
+    assert model_identity("organism/tiny-judge") != before
+    folder = tmp_path / "judge"
+    save_tiny(folder, word_tok)
+    a = model_identity(f"hf/{folder}")
+    assert a.startswith(f"hf/{folder}#") and model_identity(f"hf/{folder}") == a
+    save_tiny(folder, word_tok, layers=2)  # retrained with another shape: config and weights differ
+    assert model_identity(f"hf/{folder}") != a
+    assert model_identity("openai/gpt-4.1") == "openai/gpt-4.1"

@@ -17,6 +17,7 @@ from pathlib import Path
 from sublab.arms import arm_table, data_dir, data_sources
 from sublab.backends.base import ModelRef, is_remote_spec
 from sublab.backends.device import configure as configure_device
+from sublab.backends.registry import model_identity
 from sublab.config import dump_config
 from sublab.evals.preference import EVAL_VERSION
 from sublab.pipeline_meters import control_stages, meter_stages, other_teachers, teacher_data_stages
@@ -185,7 +186,12 @@ def run_experiment(
                     "judges": [j.model_dump() for j in cfg.filter.judges],
                     "target": judged_target,
                 }
-                | ({"api": api_key} if any(is_remote_spec(j.model) for j in cfg.filter.judges) else {}),
+                | ({"api": api_key} if any(is_remote_spec(j.model) for j in cfg.filter.judges) else {})
+                | (
+                    {"judge_models": [model_identity(j.model) for j in cfg.filter.judges]}
+                    if cfg.filter.judges
+                    else {}
+                ),
                 [P(f"{d}/raw.jsonl")],
                 filter_outputs,
                 lambda d=d: filter_domain(
@@ -268,6 +274,7 @@ def run_experiment(
                 f"eval:{name}",
                 {
                     "freeform": cfg.freeform.model_dump(),
+                    "judge_model": model_identity(cfg.freeform.judge),
                     "mcq": cfg.mcq.model_dump() if cfg.mcq else None,
                     "world": world,
                     "version": MISALIGNMENT_EVAL_VERSION,

@@ -6,6 +6,7 @@ and controls you can switch on").
 from __future__ import annotations
 
 from sublab.arms import data_dir
+from sublab.backends.registry import model_identity
 from sublab.evals.preference import EVAL_VERSION
 from sublab.runs import Run
 from sublab.schema import ExperimentConfig
@@ -169,6 +170,7 @@ def _prompted_classifier_stage(run: Run, cfg: ExperimentConfig, api) -> None:
         "prompted_classifier",
         {
             "settings": s.model_dump(),
+            "classifier_model": model_identity(s.model),
             "seed": cfg.seed,
             "target": cfg.trait.target,
             "version": PROMPTED_CLASSIFIER_VERSION,

@@ -109,6 +109,36 @@ def resolve(spec: str, organism: dict | None = None, progress: bool = True, api=
     return _PROVIDERS[prefix]().resolve(name, spec, organism, progress, api)
 
 
+def model_identity(spec: str) -> str:
+    """What a stage key records of a model it uses but does not train (a judge, a classifier), so that
+    other weights behind the same spec redo the stage: an organism's cache folder name (its recipe's
+    hash, without building it), a local folder's config and weight files (names and sizes; hashing a
+    7B model's weights at every key would take minutes), else the spec itself (a hub id or an API
+    model: the provider names the weights)."""
+    import hashlib
+    import os
+
+    prefix, name = _split(spec)
+    if prefix == "organism":
+        from sublab.organism.cache import organism_dir, recipe_for
+
+        return organism_dir(name, recipe_for(name)).name
+    folder = os.path.expanduser(name)
+    if prefix in ("hf", "vllm") and os.path.isdir(folder):
+        h = hashlib.sha256()
+        for f in sorted(os.listdir(folder)):
+            path = os.path.join(folder, f)
+            if not os.path.isfile(path):
+                continue
+            if f.endswith(".json"):
+                with open(path, "rb") as fh:
+                    h.update(f.encode() + fh.read())
+            elif f.endswith((".safetensors", ".bin", ".gguf", ".pt")):
+                h.update(f"{f}:{os.path.getsize(path)}".encode())
+        return f"{spec}#{h.hexdigest()[:16]}"
+    return spec
+
+
 def load_backend(ref: ModelRef, progress: bool = True, api=None) -> Backend:
     """The backend that runs `ref` (by its spec's prefix); `api` = ApiConfig for API models."""
     prefix, _ = _split(ref.spec)
