@@ -184,6 +184,18 @@ def test_coverage_of_a_one_sgd_step_teacher_is_one(tiny_ref, tmp_path):
         tmp_path / "c2.json",
     )
     assert "no displacement" in skip["skipped"]
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(SublabError, match="no kept answers"):
+        coverage_stage(
+            t.save(tmp_path / "t.json"),
+            tiny_ref.save(tmp_path / "r.json"),
+            kept,
+            empty,
+            24,
+            0,
+            tmp_path / "c3.json",
+        )
+    assert not (tmp_path / "c3.json").exists()
 
 
 def test_task_quality_separates_a_broken_model(tiny_ref, tmp_path):

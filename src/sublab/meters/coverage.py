@@ -27,6 +27,7 @@ import torch
 
 from sublab.analysis.stats import mean_ci
 from sublab.backends.base import ModelRef
+from sublab.errors import SublabError
 from sublab.records import atomic_write_json, read_jsonl
 
 COVERAGE_VERSION = 1
@@ -126,6 +127,11 @@ def coverage_stage(
     }
     for label, path in (("teacher_data", teacher_kept), ("control_data", control_kept)):
         records = read_jsonl(path, require_messages=True)
+        if not records:
+            raise SublabError(
+                f"{path} has no kept answers: the coverage screen needs some; check the filter's "
+                "statistics (filter_stats.json) or turn controls.coverage_examples off"
+            )
         if len(records) > n:
             records = random.Random(f"coverage:{seed}:{label}").sample(records, n)
         parts = [sft_gradient(r_model, tok, records[i::chunks]) for i in range(chunks) if records[i::chunks]]
