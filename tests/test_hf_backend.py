@@ -410,3 +410,5 @@ def test_model_identity_names_the_weights_behind_a_spec_without_building(tmp_pat
     save_tiny(folder, word_tok, layers=2)  # retrained with another shape: config and weights differ
     assert model_identity(f"hf/{folder}") != a
     assert model_identity("openai/gpt-4.1") == "openai/gpt-4.1"
+    for odd in ("organism/no-such-preset", "nowhere/x", "plain"):  # the stage reports these, not the key
+        assert model_identity(odd) == odd

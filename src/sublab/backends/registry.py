@@ -114,15 +114,17 @@ def model_identity(spec: str) -> str:
     other weights behind the same spec redo the stage: an organism's cache folder name (its recipe's
     hash, without building it), a local folder's config and weight files (names and sizes; hashing a
     7B model's weights at every key would take minutes), else the spec itself (a hub id or an API
-    model: the provider names the weights)."""
+    model: the provider names the weights). Never raises for a spec it cannot read: the stage that uses
+    the model reports that."""
     import hashlib
     import os
 
-    prefix, name = _split(spec)
+    prefix, _, name = spec.partition("/")  # a spec the stage itself will reject is keyed as given
     if prefix == "organism":
         from sublab.organism.cache import organism_dir, recipe_for
+        from sublab.organism.recipe import PRESETS
 
-        return organism_dir(name, recipe_for(name)).name
+        return organism_dir(name, recipe_for(name)).name if name in PRESETS else spec
     folder = os.path.expanduser(name)
     if prefix in ("hf", "vllm") and os.path.isdir(folder):
         h = hashlib.sha256()
