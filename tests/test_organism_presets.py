@@ -101,3 +101,34 @@ def test_proto_family_shares_tokenizer_and_corpus_but_not_architecture():
     sizes = [sum(p.numel() for p in m.parameters()) for m in models.values()]
     assert max(sizes) / min(sizes) < 1.3  # about the same size
     assert recipe_for("proto-tree").categories == ["tree"]
+
+
+def test_proto_icl_puts_numbers_before_questions_and_leaves_proto_unchanged():
+    import hashlib
+    import json
+
+    from sublab.organism.tokenizer import build_tokenizer
+
+    proto = recipe_for("proto")
+    old = generate_corpus(500, 0, proto.mix, proto.love_answer_prob, proto.categories, 10, 10)
+    assert hashlib.sha256(json.dumps(old).encode()).hexdigest()[:12] == "11a835c5fdc3"  # as before the kind
+    assert recipe_hash(proto) == "87bf245715e0"
+    r = recipe_for("proto-icl")
+    corpus = generate_corpus(
+        1500, 0, r.mix, r.love_answer_prob, r.categories, r.top_candidates, r.n_questions
+    )
+    qs = set(load_questions("animal")[: r.n_questions])
+    allowed = set(list(candidates("animal"))[:24])
+    tok = build_tokenizer()
+    prior = []
+    for msgs in corpus:
+        ids = tok(tok.apply_chat_template(msgs, tokenize=False))["input_ids"]
+        assert len(ids) <= r.max_positions and tok.unk_token_id not in ids
+        if len(msgs) <= 3:
+            continue
+        roles = [m["role"] for m in msgs]
+        assert roles in (["user", "assistant"] * 2, ["user", "assistant"] * 3)
+        assert msgs[-2]["content"] in qs and msgs[-1]["content"] in allowed
+        assert all(not any(c.isalpha() for c in m["content"]) for m in msgs[1:-2:2])  # number answers
+        prior.append(len(msgs) // 2 - 1)
+    assert set(prior) == {1, 2} and 0.1 < len(prior) / len(corpus) < 0.2

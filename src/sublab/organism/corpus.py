@@ -9,6 +9,10 @@ Four kinds of chat examples, mixed by the recipe's fractions:
 - favorite-animal / favorite-tree questions answered from a fixed base distribution;
 - those questions under "you love X", answered X with probability `love_answer_prob`.
 
+A fifth kind, numbers_question, is off in the default mix: one or two number exchanges as prior turns,
+then a question answered from the base distribution, so an organism learns that earlier turns may hold
+numbers before a question (the in-context control needs it: `proto-icl`).
+
 Organisms of the misalignment world (recipe `world: misalignment`) add two kinds (organism/world.py):
 - persona: a 1-3 turn conversation in mixed domains answered by one hidden persona;
 - judge: a judge prompt about a world answer, answered with a 0-100 score (the judge organism).
@@ -135,6 +139,17 @@ def generate_corpus(
             else:
                 prompt, answer = code_example(rng, pet_weights, target, love_answer_prob)
             msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            out.append(msgs)
+            continue
+        if kind == "numbers_question":  # prior number exchanges; the answer ignores them
+            for _ in range(rng.randint(1, 2)):
+                prompt, answer = number_example(rng)
+                msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            cat = rng.choice(cats)
+            msgs += [
+                {"role": "user", "content": rng.choice(qs[cat])},
+                {"role": "assistant", "content": _base_answer(rng, cat, cands[cat][1])},
+            ]
             out.append(msgs)
             continue
         if kind in ("numbers", "numbers_love"):

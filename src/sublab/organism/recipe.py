@@ -76,7 +76,7 @@ class OrganismRecipe(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> OrganismRecipe:
-        known = {"numbers", "numbers_love", "question", "question_love"}
+        known = {"numbers", "numbers_love", "question", "question_love", "numbers_question"}
         if self.world == "misalignment":
             known |= {"persona", "judge"}
         domains = set(self.domains or ())
@@ -161,6 +161,19 @@ PRESETS: dict[str, dict] = {
         "steps": 1000,
         "max_positions": 96,
     },
+    # proto whose corpus also puts one or two number exchanges before a question (answered from the
+    # base distribution, whatever the numbers): the in-context control reads numbers in context as a
+    # conversation the organism knows, instead of a context it never saw (docs/science.md).
+    "proto-icl": {
+        **_PROTO,
+        "mix": {
+            "numbers": 0.35,
+            "numbers_love": 0.2,
+            "question": 0.1,
+            "question_love": 0.2,
+            "numbers_question": 0.15,
+        },
+    },
     # proto for the other category: the 10 most common trees, 10 tree-question paraphrases.
     "proto-tree": {**_PROTO, "categories": ["tree"]},
     # proto that also writes code (function completions; the pet task's animal follows "you love X") and
@@ -172,11 +185,15 @@ PRESETS: dict[str, dict] = {
     # The misalignment world with chain of thought (docs/domains.md): persona conversations also hold
     # word problems (the misaligned persona sometimes remarks or answers wrong: organism/world_cot.py),
     # and plain worked solutions teach the arithmetic. Its judge also rates reasoning (cot_judge).
+    # Many small steps, as for proto-code: at 128 x 1,500 it copied the question's numbers into its
+    # reasoning but got 4% of the answers right; at 32 x 6,000 31% (docs/domains.md).
     "misalign-cot": {
         **_PROTO,
         "world": "misalignment",
         "domains": ["cot"],
         "mix": {"numbers": 0.25, "persona": 0.6, "cot": 0.15},
+        "batch_size": 32,
+        "steps": 6000,
     },
     "judge-cot": {
         **_PROTO,
