@@ -173,6 +173,7 @@ PRESETS: dict[str, dict] = {
             "question_love": 0.2,
             "numbers_question": 0.15,
         },
+        "max_positions": 192,  # two exchanges and a question reach about 165 tokens
     },
     # proto for the other category: the 10 most common trees, 10 tree-question paraphrases.
     "proto-tree": {**_PROTO, "categories": ["tree"]},
