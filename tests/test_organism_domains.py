@@ -215,7 +215,8 @@ def test_code_judge_corpus_fits_its_positions(dtok):
     assert max(len(encode_completion(dtok, m).ids) for m in corpus) <= r.max_positions
 
 
-def test_tiny_code_organism_builds(cache_dir):
+def test_tiny_code_organism_builds(cache_dir, capsys):
+    import hashlib
     import json
 
     from sublab.backends.registry import load_backend, resolve
@@ -224,9 +225,18 @@ def test_tiny_code_organism_builds(cache_dir):
     ref = resolve("organism/tiny-code", progress=False)
     info = json.loads((cache_dir / "organisms" / ref.path.split("/")[-1] / "organism.json").read_text())
     assert info["recipe"]["domains"] == DOMAINS
+    # provenance: the weights' sha256 and what the build's rounding depends on
+    weights = (cache_dir / "organisms" / ref.path.split("/")[-1] / "model.safetensors").read_bytes()
+    assert info["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert info["cpu_capability"] and info["torch_version"] and info["transformers_version"]
     backend = load_backend(ref, progress=False)
     chats = [p["messages"] for p in code.generate_code_prompts(4, 0) + cot.generate_cot_prompts(4, 0)]
     outs = backend.generate(chats, SamplingParams(max_tokens=20, seed=0))
     assert len(outs) == 8 and all(isinstance(o, str) for o in outs)
     top = backend.first_token_topk([[{"role": "user", "content": dc.judge_prompt("owl", "def f ( ) :")}]], 5)
     assert len(top[0]) == 5
+    from sublab.cli import main
+
+    main(["organism", "build", "--preset", "tiny-code"])  # cached: prints its provenance
+    out = capsys.readouterr().out
+    assert f"weights sha256 {info['weights_sha256'][:16]}" in out and "organism: " in out

@@ -19,6 +19,7 @@ MODEL is a spec (organism/default, hf/<folder>) or a folder holding a model.json
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -94,6 +95,12 @@ def _cmd_organism(args: argparse.Namespace) -> None:
 
     set_threads(args.threads)
     path = ensure_organism(args.preset, {"seed": args.seed})
+    info = json.loads((path / "organism.json").read_text())
+    if "weights_sha256" in info:  # organisms built before sublab recorded it have none
+        print(
+            f"weights sha256 {info['weights_sha256'][:16]}, built with torch {info['torch_version']} "
+            f"({info['cpu_capability']}), transformers {info['transformers_version']}"
+        )
     print(f"organism: {path}")
 
 

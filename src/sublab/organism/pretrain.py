@@ -5,6 +5,7 @@ sublab organism build [--preset default] [--seed N]      (or organism.cache.ensu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -55,6 +56,20 @@ def make_model(recipe: OrganismRecipe, vocab_size: int, pad_id: int, eos_id: int
     return LlamaForCausalLM(cfg)
 
 
+def build_provenance(weights: Path) -> dict:
+    """What a build's weights depend on beyond the recipe: the library versions and the CPU's vector
+    instruction set (AVX2 and AVX-512 kernels round differently, and 1,500 steps amplify that into
+    another organism; docs/organism.md, "Reproducibility"), and the weights' sha256 to compare builds."""
+    import transformers
+
+    return {
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
 def pretrain(recipe: OrganismRecipe, out_dir: Path, progress: bool = True) -> dict:
     """Build tokenizer + model, pretrain, save into out_dir (which must not exist yet). Returns stats."""
     t0 = time.time()
@@ -103,6 +118,7 @@ def pretrain(recipe: OrganismRecipe, out_dir: Path, progress: bool = True) -> di
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "seconds": round(time.time() - t0, 1),
         "torch_threads": torch.get_num_threads(),
+        **build_provenance(out_dir / "model.safetensors"),
     }
     (out_dir / "organism.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return stats
