@@ -94,6 +94,21 @@ def _cmd_organism(args: argparse.Namespace) -> None:
     from sublab.threads import set_threads
 
     set_threads(args.threads)
+    if args.from_scratch:
+        from sublab.organism.cache import build_from_scratch
+
+        path, cmp = build_from_scratch(args.preset, {"seed": args.seed}, args.out)
+        print(f"weights sha256 {cmp['weights_sha256'][:16]}")
+        if cmp["packaged_sha256"] is None:
+            print("no packaged copy of this organism to compare with")
+        else:
+            verdict = "the same as" if cmp["same_as_packaged"] else "NOT the same as"
+            print(
+                f"{verdict} the packaged copy ({cmp['packaged_sha256'][:16]}), which experiments use "
+                "(docs/organism.md, 'Reproducibility')"
+            )
+        print(f"built from scratch: {path}")
+        return
     path = ensure_organism(args.preset, {"seed": args.seed})
     info = json.loads((path / "organism.json").read_text())
     if "weights_sha256" in info:  # organisms built before sublab recorded it have none
@@ -347,6 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("action", choices=["build"])
     o.add_argument("--preset", default="default")
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="pretrain on this machine even when a copy is cached or packaged, into a folder of its own, "
+        "and compare its weights with the packaged copy's (experiments keep using the cached one)",
+    )
+    o.add_argument(
+        "--out", type=Path, default=None, help="--from-scratch: the folder (default: under the cache)"
+    )
     threads(o)
     o.set_defaults(func=_cmd_organism)
 

@@ -1,6 +1,14 @@
 """Organisms are built once and cached under $SUBLAB_CACHE/organisms/<preset>-<recipe hash>/ (default
 ~/.cache/sublab). The hash covers the recipe, RECIPE_VERSION and the packaged text the vocabulary and
-corpus come from, so a changed recipe builds a new organism and an unchanged one is reused."""
+corpus come from, so a changed recipe builds a new organism and an unchanged one is reused.
+
+A few organisms also ship with the package (organism/prebuilt/<same folder name>/): the quickstart's
+`proto` seed 0, whose documented figures were measured on it. Pretraining is deterministic on one
+machine but not across CPUs (AVX2 and AVX-512 kernels round differently, and 1,500 steps amplify that
+into another organism: docs/organism.md, "Reproducibility"), so a missing organism with a packaged copy
+is installed from it, and every machine gets the same weights. `sublab organism build --from-scratch`
+pretrains it anyway, into a folder of its own, and says whether this machine's weights are the packaged
+ones (build_from_scratch)."""
 
 from __future__ import annotations
 
@@ -55,8 +63,26 @@ def organism_dir(preset: str, recipe: OrganismRecipe) -> Path:
     return cache_root() / "organisms" / f"{preset}-seed{recipe.seed}-{recipe_hash(recipe)}"
 
 
+def prebuilt_root() -> Path:
+    return Path(__file__).parent / "prebuilt"
+
+
+def prebuilt_dir(preset: str, recipe: OrganismRecipe) -> Path | None:
+    """The packaged copy of this organism (same folder name as in the cache), or None."""
+    d = prebuilt_root() / f"{preset}-seed{recipe.seed}-{recipe_hash(recipe)}"
+    return d if (d / "organism.json").is_file() else None
+
+
+def _install_prebuilt(src: Path, dest: Path) -> None:
+    shutil.copytree(src, dest)
+    info = json.loads((dest / "organism.json").read_text())
+    info["installed_from"] = "package"  # the packaged weights, not pretrained on this machine
+    (dest / "organism.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
 def ensure_organism(preset: str = "default", overrides: dict | None = None, progress: bool = True) -> Path:
-    """Path of the organism's HF folder, pretraining it first if it is not cached."""
+    """Path of the organism's HF folder: the cached one; else the packaged copy, installed into the
+    cache; else pretrained here."""
     from sublab.organism.pretrain import pretrain
 
     recipe = recipe_for(preset, overrides)
@@ -68,12 +94,42 @@ def ensure_organism(preset: str = "default", overrides: dict | None = None, prog
     with FileLock(str(final.parent / f".{final.name}.lock")):
         if (final / "organism.json").is_file():
             return final
+        packaged = prebuilt_dir(preset, recipe)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
-            pretrain(recipe, tmp / "model", progress=progress)
+            if packaged is not None:
+                _install_prebuilt(packaged, tmp / "model")
+            else:
+                pretrain(recipe, tmp / "model", progress=progress)
             if final.exists():  # a builder without the lock finished first
                 return final
             os.replace(tmp / "model", final)  # atomic: a half-built organism is never at `final`
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def build_from_scratch(
+    preset: str, overrides: dict | None = None, out: Path | None = None, progress: bool = True
+) -> tuple[Path, dict]:
+    """Pretrain the organism on this machine into `out` (default $SUBLAB_CACHE/organisms-scratch/<name>),
+    never touching the cached or packaged copy that experiments use (their stage keys name the recipe,
+    not the weights) -> (folder, comparison: this build's sha256 against the packaged copy's, if any)."""
+    from sublab.organism.pretrain import pretrain
+
+    recipe = recipe_for(preset, overrides)
+    name = organism_dir(preset, recipe).name
+    out = out or cache_root() / "organisms-scratch" / name
+    if out.exists():
+        raise SublabError(f"{out} already exists: remove it, or pass another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pretrain(recipe, tmp / "model", progress=progress)
+        os.replace(tmp / "model", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    mine = json.loads((out / "organism.json").read_text())["weights_sha256"]
+    packaged = prebuilt_dir(preset, recipe)
+    theirs = json.loads((packaged / "organism.json").read_text())["weights_sha256"] if packaged else None
+    return out, {"weights_sha256": mine, "packaged_sha256": theirs, "same_as_packaged": mine == theirs}
