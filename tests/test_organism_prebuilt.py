@@ -19,17 +19,19 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_packaged_proto_is_whole_and_matches_the_tokenizer():
+@pytest.mark.parametrize("seed", [0, 1000])  # the quickstart's organism and its cross-init control's
+def test_packaged_proto_is_whole_and_matches_the_tokenizer(seed):
     from sublab.organism.tokenizer import build_tokenizer
 
-    d = prebuilt_dir("proto", recipe_for("proto"))
-    assert d is not None, "proto seed 0 must ship with the package"
+    recipe = recipe_for("proto", {"seed": seed})
+    d = prebuilt_dir("proto", recipe)
+    assert d is not None, f"proto seed {seed} must ship with the package"
     info = json.loads((d / "organism.json").read_text())
     assert info["weights_sha256"] == _sha(d / "model.safetensors")
-    assert info["recipe"] == recipe_for("proto").model_dump()
+    assert info["recipe"] == recipe.model_dump() and info["cpu_capability"] == "AVX2"
     config = json.loads((d / "config.json").read_text())
     assert config["vocab_size"] == len(build_tokenizer())
-    assert prebuilt_dir("proto", recipe_for("proto", {"seed": 1})) is None  # only seed 0 ships
+    assert prebuilt_dir("proto", recipe_for("proto", {"seed": 1})) is None  # other seeds are pretrained
 
 
 def test_missing_proto_is_installed_from_the_package_not_pretrained(tmp_path, monkeypatch):
