@@ -256,18 +256,25 @@ def test_client_that_disconnects_is_cancelled(srv):
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     port = int(srv.url.rsplit(":", 1)[1])
-    for _ in range(4):  # 4 x 64 sequences of up to 150 tokens, abandoned at once
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(head + body)
-            time.sleep(0.05)
-    idle = wait_for(
-        lambda: (
-            engine.queued == 0
-            and not engine._running
-            and engine.stats["cancelled"] + engine.stats["aborted"] > before
-        ),
-        20,
-    )
+    # each forward pass takes at least 5 ms, so a 150-token generation outlasts the disconnect on any
+    # CPU (on a fast one the tiny organism would otherwise finish two of them before it is noticed)
+    model = srv.app.state.models.backend(MODEL).model
+    hook = model.register_forward_pre_hook(lambda module, args: time.sleep(0.005))
+    try:
+        for _ in range(4):  # 4 x 64 sequences of up to 150 tokens, abandoned at once
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(head + body)
+                time.sleep(0.05)
+        idle = wait_for(
+            lambda: (
+                engine.queued == 0
+                and not engine._running
+                and engine.stats["cancelled"] + engine.stats["aborted"] > before
+            ),
+            20,
+        )
+    finally:
+        hook.remove()
     assert idle, engine.stats
     assert engine.stats["sequences"] - seqs <= 64  # at most one of the four ran to the end
 
