@@ -179,6 +179,23 @@ def test_unreachable_endpoint_wrong_key_unknown_model(api, monkeypatch):
         resolve("openai/gpt-4.1-nano", api=remote_needs_key)
 
 
+def test_model_check_gives_server_errors_the_full_retry_budget(cache_dir, tmp_path, monkeypatch):
+    """The up-front model check fails fast (2 retries) only when the endpoint cannot be reached; an
+    endpoint that answers 500 gets api.max_retries, as a running stage does (with 20% faults, three
+    500s in a row otherwise failed a whole run about once in a hundred checks)."""
+    from sublab.backends.registry import resolve
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    args = ["--faults", "1.0", "--fault-kinds", "500"]
+    with serve_subprocess(cache_dir, tmp_path, args, {"SUBLAB_SERVE_API_KEY": KEY}) as root:
+        api = ApiConfig(
+            base_url=f"{root}/v1", api_key_env=KEY_ENV, backoff_s=0.01, max_backoff_s=0.02, max_retries=5
+        )
+        with pytest.raises(SublabError, match=r"kept failing \(500: .*\) after 5 retries"):
+            resolve("openai/organism/tiny", api=api)
+        assert httpx.get(f"{root}/sublab/stats").json()["faults"]["500"] == 3 + 6  # quick check, then full
+
+
 def test_cli_prints_one_error_line(api, tmp_path, capsys):
     import yaml
     from conftest import tiny_experiment

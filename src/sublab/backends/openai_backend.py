@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from sublab.backends.base import Backend, ModelRef, NoLogprobs, request_seed
-from sublab.backends.openai_client import ApiClient
+from sublab.backends.openai_client import ApiClient, ApiExhausted
 from sublab.errors import SublabError
 from sublab.schema.api import ApiConfig
 from sublab.schema.sampling import SamplingParams
@@ -94,23 +94,33 @@ class OpenAIBackend(Backend):
         return _with_system_prompt(chat, self.ref.system_prompt)
 
     def check_model(self) -> None:
-        """One up-front check (endpoint, key, model) with at most 2 retries: a wrong base_url fails in
-        seconds, not after the full retry budget that running stages get."""
+        """One up-front check (endpoint, key, model): an endpoint that cannot be reached fails after 2
+        retries, in seconds, not after the full retry budget that running stages get; one that answers
+        with server errors, rate limits or timeouts (transient on a real API) then gets that budget."""
         quick = ApiClient(
             self.api.model_copy(update={"max_retries": min(2, self.api.max_retries)}),
             self.endpoint["base_url"],
             self.endpoint["api_key_env"],
         )
+        full = ApiClient(self.api, self.endpoint["base_url"], self.endpoint["api_key_env"])
 
-        async def go(client):
-            await quick.call(
-                f"model {self.model_id}",
-                lambda: client.models.retrieve(self.model_id),
-                client=client,
-                model=self.model_id,
-            )
+        def check(api_client: ApiClient):
+            async def go(client):
+                await api_client.call(
+                    f"model {self.model_id}",
+                    lambda: client.models.retrieve(self.model_id),
+                    client=client,
+                    model=self.model_id,
+                )
 
-        quick.run(go)
+            return go
+
+        try:
+            quick.run(check(quick))
+        except ApiExhausted as e:
+            if e.reason == "connection":
+                raise
+            full.run(check(full))
 
     # ---- cost ----------------------------------------------------------------------------------
 

@@ -89,6 +89,14 @@ def retry_after_s(response) -> float | None:
     return None
 
 
+class ApiExhausted(SublabError):
+    """Every try of one call failed; `reason`: connection, timeout, 429 or the HTTP status."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class ApiClient:
     """One endpoint + key + request policy. `run(fn)` runs `await fn(client)` on a fresh event loop."""
 
@@ -200,16 +208,18 @@ class ApiClient:
         except Exception:  # recovery is best-effort: the normal retry follows
             return None
 
-    def _exhausted(self, reason: str, err: Exception, what: str) -> SublabError:
+    def _exhausted(self, reason: str, err: Exception, what: str) -> ApiExhausted:
         n = self.api.max_retries
         if reason == "connection":
-            return SublabError(
+            return ApiExhausted(
+                reason,
                 f"cannot reach {self.base_url}: {_message(err)} (after {n} retries); is the server running? "
-                "Check api.base_url. Finished work is kept: rerun the same command to resume."
+                "Check api.base_url. Finished work is kept: rerun the same command to resume.",
             )
-        return SublabError(
+        return ApiExhausted(
+            reason,
             f"{what}: the API at {self.base_url} kept failing ({reason}: {_message(err)}) after {n} retries; "
-            "finished work is kept: rerun the same command to resume (or raise api.max_retries)"
+            "finished work is kept: rerun the same command to resume (or raise api.max_retries)",
         )
 
     async def _fatal(self, e, what: str, client, model: str | None) -> SublabError:
