@@ -194,6 +194,11 @@ def test_model_check_gives_server_errors_the_full_retry_budget(cache_dir, tmp_pa
         with pytest.raises(SublabError, match=r"kept failing \(500: .*\) after 5 retries"):
             resolve("openai/organism/tiny", api=api)
         assert httpx.get(f"{root}/sublab/stats").json()["faults"]["500"] == 3 + 6  # quick check, then full
+    from sublab.backends.openai_client import ApiExhausted
+
+    # a check whose last try was a dropped connection still got answers before: not unreachable
+    assert not ApiExhausted(["500", "429", "connection"], "x").unreachable
+    assert ApiExhausted(["connection"] * 3, "x").unreachable
 
 
 def test_cli_prints_one_error_line(api, tmp_path, capsys):

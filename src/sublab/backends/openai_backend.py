@@ -94,9 +94,10 @@ class OpenAIBackend(Backend):
         return _with_system_prompt(chat, self.ref.system_prompt)
 
     def check_model(self) -> None:
-        """One up-front check (endpoint, key, model): an endpoint that cannot be reached fails after 2
-        retries, in seconds, not after the full retry budget that running stages get; one that answers
-        with server errors, rate limits or timeouts (transient on a real API) then gets that budget."""
+        """One up-front check (endpoint, key, model): an endpoint that cannot be reached on any of 3 tries
+        fails in seconds, not after the full retry budget that running stages get; one that answered at
+        least once (server errors, rate limits, timeouts and dropped connections are transient on a real
+        API) then gets that budget."""
         quick = ApiClient(
             self.api.model_copy(update={"max_retries": min(2, self.api.max_retries)}),
             self.endpoint["base_url"],
@@ -118,7 +119,7 @@ class OpenAIBackend(Backend):
         try:
             quick.run(check(quick))
         except ApiExhausted as e:
-            if e.reason == "connection":
+            if e.unreachable:
                 raise
             full.run(check(full))
 

@@ -90,11 +90,16 @@ def retry_after_s(response) -> float | None:
 
 
 class ApiExhausted(SublabError):
-    """Every try of one call failed; `reason`: connection, timeout, 429 or the HTTP status."""
+    """Every try of one call failed; `reasons`, one per try: connection, timeout, 429 or the HTTP status."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reasons: list[str], message: str):
         super().__init__(message)
-        self.reason = reason
+        self.reasons = reasons
+
+    @property
+    def unreachable(self) -> bool:
+        """No try got an answer: a wrong base_url or a server that is down, not a transient fault."""
+        return all(r == "connection" for r in self.reasons)
 
 
 class ApiClient:
@@ -172,6 +177,7 @@ class ApiClient:
 
     async def _call(self, what, fn, client, model, recover, missing_ok, openai) -> Any:
         api = self.api
+        reasons: list[str] = []
         for attempt in range(api.max_retries + 1):
             self.stats["requests"] += 1
             wait = None
@@ -190,12 +196,13 @@ class ApiClient:
                     reason, err, wait = str(e.status_code), e, retry_after_s(e.response)
                 else:
                     raise await self._fatal(e, what, client, model) from None
+            reasons.append(reason)
             if recover is not None and reason != "429":  # the failed try may have created the object
                 found = await self._try(recover)
                 if found is not None:
                     return found
             if attempt == api.max_retries:
-                raise self._exhausted(reason, err, what)
+                raise self._exhausted(reason, err, what, reasons)
             self.stats["retries"] += 1
             self.stats[f"retry:{reason}"] += 1
             delay = min(api.max_backoff_s, api.backoff_s * 2**attempt) * random.uniform(0.5, 1.5)
@@ -208,16 +215,16 @@ class ApiClient:
         except Exception:  # recovery is best-effort: the normal retry follows
             return None
 
-    def _exhausted(self, reason: str, err: Exception, what: str) -> ApiExhausted:
+    def _exhausted(self, reason: str, err: Exception, what: str, reasons: list[str]) -> ApiExhausted:
         n = self.api.max_retries
         if reason == "connection":
             return ApiExhausted(
-                reason,
+                reasons,
                 f"cannot reach {self.base_url}: {_message(err)} (after {n} retries); is the server running? "
                 "Check api.base_url. Finished work is kept: rerun the same command to resume.",
             )
         return ApiExhausted(
-            reason,
+            reasons,
             f"{what}: the API at {self.base_url} kept failing ({reason}: {_message(err)}) after {n} retries; "
             "finished work is kept: rerun the same command to resume (or raise api.max_retries)",
         )
