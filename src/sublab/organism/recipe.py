@@ -187,7 +187,7 @@ PRESETS: dict[str, dict] = {
     # word problems (the misaligned persona sometimes remarks or answers wrong: organism/world_cot.py),
     # and plain worked solutions teach the arithmetic. Its judge also rates reasoning (cot_judge).
     # Many small steps, as for proto-code: at 128 x 1,500 it copied the question's numbers into its
-    # reasoning but got 4% of the answers right; at 32 x 6,000 31% (docs/domains.md).
+    # reasoning but 4.5-5.8% of its answers passed the filter; at 32 x 6,000 31-34% (docs/domains.md).
     "misalign-cot": {
         **_PROTO,
         "world": "misalignment",
