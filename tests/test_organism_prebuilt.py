@@ -79,3 +79,23 @@ def test_cli_from_scratch_prints_the_verdict(tmp_path, monkeypatch, capsys, cach
     out = capsys.readouterr().out
     assert "NOT the same as the packaged copy (0000000000000000)" in out
     assert f"built from scratch: {tmp_path / 'c'}" in out
+
+
+def test_a_cached_local_build_that_is_not_the_packaged_one_is_named(
+    tmp_path, monkeypatch, capsys, cache_dir, tiny_organism
+):
+    # an older local build stays in the cache and keeps being used: say so, once, and how to fix it
+    root = tmp_path / "prebuilt"
+    shutil.copytree(tiny_organism, root / tiny_organism.name)
+    monkeypatch.setattr(cache, "prebuilt_root", lambda: root)
+    monkeypatch.setattr(cache, "_WARNED", set())
+    assert ensure_organism("tiny", {"seed": 0}, progress=False) == tiny_organism
+    assert "warning" not in capsys.readouterr().err  # the cached weights are the packaged ones
+    info = json.loads((root / tiny_organism.name / "organism.json").read_text())
+    info["weights_sha256"] = "0" * 64  # the packaged copy came from another machine
+    (root / tiny_organism.name / "organism.json").write_text(json.dumps(info))
+    assert ensure_organism("tiny", {"seed": 0}, progress=False) == tiny_organism  # still used
+    err = capsys.readouterr().err
+    assert "is not the packaged build" in err and f"delete {tiny_organism}" in err
+    ensure_organism("tiny", {"seed": 0}, progress=False)
+    assert capsys.readouterr().err == ""  # once per process

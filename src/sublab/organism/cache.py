@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -80,6 +81,31 @@ def _install_prebuilt(src: Path, dest: Path) -> None:
     (dest / "organism.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
+_WARNED: set[Path] = set()
+
+
+def cached_differs_from_packaged(cached: Path, packaged: Path | None) -> bool:
+    """True when a packaged copy of this organism exists and the cached weights are not it (a local
+    build from before the package shipped it, or one pretrained on another CPU)."""
+    if packaged is None:
+        return False
+    theirs = json.loads((packaged / "organism.json").read_text())["weights_sha256"]
+    mine = hashlib.sha256((cached / "model.safetensors").read_bytes()).hexdigest()
+    return mine != theirs
+
+
+def _warn_if_not_packaged(cached: Path, packaged: Path | None) -> None:
+    if cached in _WARNED or not cached_differs_from_packaged(cached, packaged):
+        return
+    _WARNED.add(cached)
+    print(
+        f"warning: the cached organism {cached} is not the packaged build the documented figures came "
+        "from (its weights differ: a local build, and pretraining differs across CPUs). Its effects will "
+        f"differ from the documented ones; delete {cached} to install the packaged copy.",
+        file=sys.stderr,
+    )
+
+
 def ensure_organism(preset: str = "default", overrides: dict | None = None, progress: bool = True) -> Path:
     """Path of the organism's HF folder: the cached one; else the packaged copy, installed into the
     cache; else pretrained here."""
@@ -88,6 +114,7 @@ def ensure_organism(preset: str = "default", overrides: dict | None = None, prog
     recipe = recipe_for(preset, overrides)
     final = organism_dir(preset, recipe)
     if (final / "organism.json").is_file():
+        _warn_if_not_packaged(final, prebuilt_dir(preset, recipe))
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     # one builder per organism: a second process (a sweep worker, another run) waits, then reuses it
