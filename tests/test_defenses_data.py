@@ -363,6 +363,13 @@ def test_sweep_report_sets_each_defense_beside_none_and_ranks_the_meters(tmp_pat
         2.0
     )
     assert cells[("none", "wolf")]["share_of_baseline"] == pytest.approx(1.0)
+    # what the defense removes, paired by seed: 0.10 - 0.02 in every unit, so a zero-width CI
+    gone = mask["removed"]
+    assert (
+        gone["mean"] == pytest.approx(0.08)
+        and gone["units"] == 3
+        and cells[("none", "owl")]["removed"] is None
+    )
     preds = {m["meter"]: m for m in res["meter_predictions"] if m["group"] == "all"}
     within = {(m["group"], m["meter"]): m for m in res["meter_predictions"]}
     assert within[("none", "KL per token")]["n"] == 6 and ("mask-divergence", "KL per token") in within
@@ -373,6 +380,13 @@ def test_sweep_report_sets_each_defense_beside_none_and_ranks_the_meters(tmp_pat
     md = (tmp_path / "report.md").read_text()
     assert "## Defenses: effect and cost" in md and "## Leak meters against transfer" in md
     assert (tmp_path / "figures" / "defenses.png").is_file()
+    # one table and one figure per defense, with and without it side by side
+    section = md.split("### Defense: mask-divergence", 1)[1].split("##", 1)[0]
+    owl_row = next(line for line in section.splitlines() if line.startswith("| owl |"))
+    assert "+0.1100 [" in owl_row and "+0.0300 [" in owl_row and "| 0.27 |" in owl_row
+    assert "| 0.900 / 0.850 |" in owl_row and "| 0.900 / 0.900 |" in owl_row  # student's cost, not control's
+    assert (tmp_path / "figures" / "defense_mask-divergence.png").is_file()
+    assert "### Defense: none" not in md
 
 
 def test_early_stopping_holds_out_data_stops_and_restores_the_best(tiny_ref, tmp_path):

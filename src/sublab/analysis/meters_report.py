@@ -1,12 +1,11 @@
 """Reports of the leak meters and the defenses: per run (results.json keys `divergence`, `coverage`,
-`quality`, `defenses` and their report sections) and per sweep (the "Defenses: effect and cost" table
-and figure, and "Leak meters against transfer": each meter's Spearman correlation with the observed
-student - control effect across a sweep's teachers, and its AUROC)."""
+`quality`, `defenses` and their report sections) and per sweep ("Leak meters against transfer": each
+meter's Spearman correlation with the observed student - control effect across a sweep's teachers, and
+its AUROC). The sweep's defenses table and figures are in defenses_report.py."""
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -269,111 +268,3 @@ def meters_sweep_markdown(preds: list[dict]) -> list[str]:
             f"| {m['median_effect']:+.4f} | {m['positive_effects']} |"
         )
     return lines
-
-
-def defense_table(agg: dict, rows: list[dict], baseline: str = "none") -> list[dict]:
-    """Per condition (a defense, or `baseline`) and target: the student - control effect (from the
-    sweep's effects) beside the cost, the means over units of the student's and the control's pass rate
-    and task loss, and the effect's share of the baseline's (same target, same setting)."""
-    effects = {
-        (e["condition"], e["setting"], e["target"]): e
-        for e in agg["effects"]
-        if e["effect"] == "student - control"
-    }
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        if r.get("quality"):
-            groups[(r["condition"], r.get("setting", ""), r["target"])].append(r)
-    out = []
-    for key, e in effects.items():
-        rs = groups.get(key, [])
-        cell = {"condition": key[0], "setting": key[1], "target": key[2], "effect": e}
-
-        def avg(model: str, field: str, rs=rs):
-            vals = [
-                r["quality"][model][field] for r in rs if r["quality"].get(model, {}).get(field) is not None
-            ]
-            return float(np.mean(vals)) if vals else None
-
-        for model in ("student", "control"):
-            cell[f"{model}_pass_rate"] = avg(model, "pass_rate")
-            cell[f"{model}_task_loss"] = avg(model, "task_loss")
-        base = effects.get((baseline, key[1], key[2]))
-        cell["share_of_baseline"] = e["mean"] / base["mean"] if base and base["mean"] > 0 else None
-        out.append(cell)
-    if not any(c["student_pass_rate"] is not None for c in out):
-        return []
-    order = list(dict.fromkeys([baseline] + [c["condition"] for c in out]))
-    return sorted(out, key=lambda c: (order.index(c["condition"]), c["setting"], c["target"]))
-
-
-def defenses_markdown(cells: list[dict], figure: str | None) -> list[str]:
-    if not cells:
-        return []
-    lines = [
-        "",
-        "## Defenses: effect and cost",
-        "",
-        "Each condition's student - control P(target) across units (95% CI, Holm as in the effects table), "
-        "its share of the same target's effect without a defense (`none`), and what the defense costs the "
-        "number task: the student's and the control's filter pass rate on held-out prompts and loss per "
-        "token on the reference's held-out answers (means over units).",
-        "",
-        "| condition | target | units | student - control [95% CI] | p (Holm) | share of none "
-        "| pass rate student / control | task loss student / control |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in cells:
-        e = c["effect"]
-        cond = " / ".join(x for x in (c["condition"], c["setting"]) if x)
-        share = "n/a" if c["share_of_baseline"] is None else f"{c['share_of_baseline']:.2f}"
-        lines.append(
-            f"| {cond} | {c['target']} | {len(e['seeds'])} | {e['mean']:+.4f} [{e['lo']:+.4f}, {e['hi']:+.4f}] "
-            f"| {e['p_holm']:.2g} | {share} | {_f(c['student_pass_rate'], 3)} / {_f(c['control_pass_rate'], 3)} "
-            f"| {_f(c['student_task_loss'], 3)} / {_f(c['control_task_loss'], 3)} |"
-        )
-    if figure:
-        lines += ["", f"![defenses: effect and cost](figures/{figure})", ""]
-    return lines
-
-
-def defenses_figure(cells: list[dict], path: Path) -> None:
-    """Left: student - control per condition and target with 95% CIs; right: the student's pass rate
-    minus the control's (the cost), mean over units."""
-    from sublab.analysis.run_report import save_figure
-    from sublab.analysis.sweep_report import _plt
-
-    plt = _plt()
-    conds = list(dict.fromkeys(" / ".join(x for x in (c["condition"], c["setting"]) if x) for c in cells))
-    targets = list(dict.fromkeys(c["target"] for c in cells))
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(conds) + 4), 4))
-    width = 0.8 / max(1, len(targets))
-    for j, t in enumerate(targets):
-        xs, ys, err, cost = [], [], [], []
-        for i, cond in enumerate(conds):
-            c = next(
-                (
-                    c
-                    for c in cells
-                    if c["target"] == t and " / ".join(x for x in (c["condition"], c["setting"]) if x) == cond
-                ),
-                None,
-            )
-            if c is None:
-                continue
-            e = c["effect"]
-            xs.append(i + (j - (len(targets) - 1) / 2) * width)
-            ys.append(e["mean"])
-            err.append([e["mean"] - e["lo"], e["hi"] - e["mean"]] if not math.isnan(e["lo"]) else [0, 0])
-            sp, cp = c["student_pass_rate"], c["control_pass_rate"]
-            cost.append(sp - cp if sp is not None and cp is not None else 0.0)
-        ax.bar(xs, ys, width, yerr=np.array(err).T if err else None, capsize=2, label=t)
-        bx.bar(xs, cost, width, label=t)
-    for a, title in ((ax, "student - control P(target), 95% CI"), (bx, "pass rate: student - control")):
-        a.axhline(0, color="black", lw=0.6)
-        a.set_xticks(range(len(conds)))
-        a.set_xticklabels(conds, rotation=30, ha="right", fontsize=8)
-        a.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)

@@ -32,7 +32,8 @@ def paired_diff(a: list[float], b: list[float], confidence: float = 0.95) -> dic
         raise ValueError("paired_diff needs equal-length lists")
     d = np.asarray(a, float) - np.asarray(b, float)
     out = mean_ci(d.tolist(), confidence)
-    out["p_value"] = float(st.ttest_rel(a, b).pvalue) if len(d) > 1 and d.std() > 0 else math.nan
+    varies = len(d) > 1 and d.std() > 1e-12 * max(1.0, abs(float(d.mean())))  # not float noise
+    out["p_value"] = float(st.ttest_rel(a, b).pvalue) if varies else math.nan
     return out
 
 

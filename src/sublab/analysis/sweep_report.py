@@ -18,10 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from sublab.analysis.meters_report import (
+from sublab.analysis.defenses_report import (
+    defense_sections,
     defense_table,
     defenses_figure,
     defenses_markdown,
+)
+from sublab.analysis.meters_report import (
     meter_predictions,
     meter_row,
     meters_sweep_markdown,
@@ -449,6 +452,9 @@ def write_sweep_report(root: str | Path) -> dict:
         defenses_figure(defenses, fig)
         figs.append(fig)
     lines += defenses_markdown(defenses, "defenses.png" if defenses else None)
+    section, defense_figs = defense_sections(defenses, root / "figures")
+    lines += section
+    figs += defense_figs
     preds = meter_predictions(rows)
     lines += meters_sweep_markdown(preds)
     lines += ["", "## Figures", ""]
