@@ -246,3 +246,54 @@ def test_a_second_sweep_into_a_busy_folder_is_a_clear_error(sweep_file, tmp_path
             run_sweep(sweep_file, out=out, progress=False)
     finally:
         lock.release()
+
+
+_ORPHAN_PARENT = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from sublab.sweep.local import exit_with_parent
+
+def work(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        pool.submit(work, sys.argv[1]).result()
+"""
+
+
+def test_a_killed_sweep_takes_its_pool_workers_with_it(tmp_path):
+    # killing `sublab sweep` (even with SIGKILL) must not leave workers training into the sweep folder
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, pidfile = tmp_path / "parent.py", tmp_path / "worker.pid"
+    script.write_text(_ORPHAN_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(pidfile)])
+    try:
+        deadline = time.time() + 60
+        while not (pidfile.is_file() and pidfile.read_text()) and time.time() < deadline:
+            time.sleep(0.1)
+        worker = int(pidfile.read_text())
+        os.kill(worker, 0)  # alive while the sweep is
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            raise AssertionError("the pool worker outlived its killed sweep")
+    finally:
+        parent.kill()

@@ -7,6 +7,7 @@ content-addressed stage store under <sweep>/stages/), then one aggregated report
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,20 @@ def _run_one(cfg_json: dict, run_dir: str, shared: str, retries: int) -> dict:
         rec.pop("error", None)
         break
     return rec
+
+
+def exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Pool-worker initializer: a daemon thread ends this process as soon as the sweep's process is gone
+    (killed, even with SIGKILL, the worker would be re-parented and train on). What it was writing is
+    safe to drop: stages and files are written atomically, and the stage lock dies with the process."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def run_sweep(
@@ -119,7 +134,6 @@ def execute(
     sweep_file: str | None = None,
 ) -> Path:
     """Run the expanded sweep over `base_data` (an experiment config as a dict) and write its report."""
-    import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
@@ -199,7 +213,13 @@ def execute(
                 finished(r["name"], _run_one(*tasks[r["name"]]))
         else:
             # spawn, not fork: a forked child of a process that already ran torch can deadlock
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            # a worker ends with the sweep: killed, it would otherwise train on into the folder a rerun resumes
+            with ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=get_context("spawn"),
+                initializer=exit_with_parent,
+                initargs=(os.getpid(),),
+            ) as pool:
                 futures = {pool.submit(_run_one, *tasks[r["name"]]): r["name"] for r in runs}
                 for fut in as_completed(futures):
                     finished(futures[fut], fut.result())
