@@ -392,15 +392,19 @@ def test_smollm2_converts_loads_and_samples():
     assert isinstance(ex, Encoded) and ex.ids[-1] == b.tok.eos_token_id
 
 
-def test_model_identity_names_the_weights_behind_a_spec_without_building(tmp_path, monkeypatch, word_tok):
+def test_model_identity_names_the_weights_behind_a_spec(tmp_path, monkeypatch, word_tok):
     """Stage keys of stages that use a judge or classifier record model_identity, so other weights behind
-    the same spec (an edited organism preset, a retrained local folder) redo the stage."""
+    the same spec (an edited organism preset, a rebuilt organism, a retrained local folder) redo the
+    stage."""
     from sublab.backends.registry import model_identity
     from sublab.organism import recipe
+    from sublab.organism.cache import weights_sha256
 
     monkeypatch.setenv("SUBLAB_CACHE", str(tmp_path / "cache"))
-    before = model_identity("organism/tiny-judge")
-    assert before.startswith("tiny-judge-seed0-") and not (tmp_path / "cache").exists()  # nothing built
+    before = model_identity("organism/tiny-judge")  # built now, as the stage would: the key names its weights
+    (built,) = (tmp_path / "cache" / "organisms").glob("tiny-judge-seed0-*/")
+    assert before == f"{built.name}#{weights_sha256(built)[:16]}"
+    assert model_identity("organism/tiny-judge") == before  # stable: a rerun redoes nothing
     monkeypatch.setitem(recipe.PRESETS, "tiny-judge", {**recipe.PRESETS["tiny-judge"], "steps": 151})
     assert model_identity("organism/tiny-judge") != before
     folder = tmp_path / "judge"

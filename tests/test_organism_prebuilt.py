@@ -99,3 +99,33 @@ def test_a_cached_local_build_that_is_not_the_packaged_one_is_named(
     assert "is not the packaged build" in err and f"delete {tiny_organism}" in err
     ensure_organism("tiny", {"seed": 0}, progress=False)
     assert capsys.readouterr().err == ""  # once per process
+
+
+def test_other_weights_behind_one_recipe_redo_the_stages_built_on_them(tmp_path, monkeypatch, tiny_organism):
+    # stage keys name the weights, not only the recipe: a rebuilt organism (another CPU, a deleted
+    # cache folder) must not reuse a teacher or students trained on the old one
+    from conftest import tiny_experiment
+    from safetensors.torch import load_file, save_file
+
+    from sublab.backends.registry import model_identity
+    from sublab.config import validate
+    from sublab.pipeline import run_experiment
+    from sublab.records import read_json
+    from sublab.schema import ExperimentConfig
+
+    monkeypatch.setenv("SUBLAB_CACHE", str(tmp_path / "cache"))
+    mine = tmp_path / "cache" / "organisms" / tiny_organism.name
+    shutil.copytree(tiny_organism, mine)
+    cfg = validate(ExperimentConfig, tiny_experiment(**{"eval.max_questions": 2}))
+    run_experiment(cfg, tmp_path / "run")
+    ref = read_json(tmp_path / "run" / "reference" / "model.json")
+    assert ref["info"]["weights_sha256"] == _sha(mine / "model.safetensors")
+    before = model_identity("organism/tiny")
+    assert run_experiment(cfg, tmp_path / "run").ran == []  # same weights: nothing to redo
+    weights = load_file(mine / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01  # the same recipe, other weights
+    save_file(weights, mine / "model.safetensors", metadata={"format": "pt"})
+    again = run_experiment(cfg, tmp_path / "run")
+    assert {"reference", "teacher", "train:student", "train:control"} <= set(again.ran)
+    assert model_identity("organism/tiny") != before  # a judge or classifier organism too

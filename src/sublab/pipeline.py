@@ -17,7 +17,7 @@ from pathlib import Path
 from sublab.arms import arm_table, data_dir, data_sources
 from sublab.backends.base import ModelRef, is_remote_spec
 from sublab.backends.device import configure as configure_device
-from sublab.backends.registry import model_identity
+from sublab.backends.registry import base_identity, model_identity
 from sublab.config import dump_config
 from sublab.evals.preference import EVAL_VERSION
 from sublab.pipeline_meters import control_stages, meter_stages, other_teachers, teacher_data_stages
@@ -65,7 +65,9 @@ def run_experiment(
     def reference_stage(name: str, spec: str, organism: dict) -> None:
         run.stage(
             name,
-            {"spec": spec, "organism": organism} | (api_key if is_remote_spec(spec) else {}),
+            {"spec": spec, "organism": organism}
+            | (api_key if is_remote_spec(spec) else {})
+            | ({"weights": w} if (w := base_identity(spec, organism, prog)) else {}),
             [],
             [f"{name}/model.json"],
             lambda: build_reference(spec, organism, P(f"{name}/model.json"), prog, api=api),

@@ -58,11 +58,13 @@ def _hf() -> Provider:
 
 @provider("organism")
 def _organism() -> Provider:
-    from sublab.organism.cache import ensure_organism
+    from sublab.organism.cache import ensure_organism, weights_sha256
 
     def resolve_organism(name, spec, organism, progress, api) -> ModelRef:
         path = ensure_organism(name, organism, progress=progress)
-        return ModelRef(spec=spec, path=str(path), kind="base", info={"organism": organism or {}})
+        # the weights' hash in model.json: every stage keyed on it redoes when the organism is rebuilt
+        info = {"organism": organism or {}, "weights_sha256": weights_sha256(path)}
+        return ModelRef(spec=spec, path=str(path), kind="base", info=info)
 
     return Provider(resolve=resolve_organism, backend=_hf().backend)  # an ordinary HF model folder
 
@@ -112,7 +114,7 @@ def resolve(spec: str, organism: dict | None = None, progress: bool = True, api=
 def model_identity(spec: str) -> str:
     """What a stage key records of a model it uses but does not train (a judge, a classifier), so that
     other weights behind the same spec redo the stage: an organism's cache folder name (its recipe's
-    hash, without building it), a local folder's config and weight files (names and sizes; hashing a
+    hash) and its weights' hash (building it first if missing), a local folder's config and weight files (names and sizes; hashing a
     7B model's weights at every key would take minutes), else the spec itself (a hub id or an API
     model: the provider names the weights). Never raises for a spec it cannot read: the stage that uses
     the model reports that."""
@@ -124,7 +126,15 @@ def model_identity(spec: str) -> str:
         from sublab.organism.cache import organism_dir, recipe_for
         from sublab.organism.recipe import PRESETS
 
-        return organism_dir(name, recipe_for(name)).name if name in PRESETS else spec
+        if name not in PRESETS:
+            return spec
+        from sublab.organism.cache import organism_weights
+
+        try:  # built here if missing, as the stage that loads it would
+            sha = organism_weights(name)
+        except Exception:  # noqa: BLE001 - the stage that uses it reports the error
+            return organism_dir(name, recipe_for(name)).name
+        return f"{organism_dir(name, recipe_for(name)).name}#{sha[:16]}"
     folder = os.path.expanduser(name)
     if prefix in ("hf", "vllm") and os.path.isdir(folder):
         h = hashlib.sha256()
@@ -139,6 +149,19 @@ def model_identity(spec: str) -> str:
                 h.update(f"{f}:{os.path.getsize(path)}".encode())
         return f"{spec}#{h.hexdigest()[:16]}"
     return spec
+
+
+def base_identity(spec: str, organism: dict | None = None, progress: bool = True) -> str | None:
+    """What the reference stage's key records of the weights behind a base spec, so that it redoes when
+    they change (and with it every stage downstream): an organism's weights' hash (installing or
+    pretraining it first if missing); other specs: None (the spec names the weights)."""
+    prefix, name = _split(spec)
+    if prefix != "organism":
+        return None
+    from sublab.organism.cache import organism_weights
+    from sublab.organism.recipe import PRESETS
+
+    return organism_weights(name, organism, progress=progress) if name in PRESETS else None
 
 
 def load_backend(ref: ModelRef, progress: bool = True, api=None) -> Backend:

@@ -84,14 +84,26 @@ def _install_prebuilt(src: Path, dest: Path) -> None:
 _WARNED: set[Path] = set()
 
 
+def weights_sha256(folder: Path) -> str:
+    """sha256 of an organism folder's weights (under a megabyte for the presets: milliseconds)."""
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def organism_weights(preset: str, overrides: dict | None = None, progress: bool = True) -> str:
+    """sha256 of the weights an experiment on this organism uses: the cached copy's, installed or
+    pretrained first if missing (as the stage that loads it would). Stage keys record it, so a rebuilt
+    or replaced organism redoes the stages built on it: the recipe alone does not name the weights,
+    since pretraining differs across CPUs."""
+    return weights_sha256(ensure_organism(preset, overrides, progress=progress))
+
+
 def cached_differs_from_packaged(cached: Path, packaged: Path | None) -> bool:
     """True when a packaged copy of this organism exists and the cached weights are not it (a local
     build from before the package shipped it, or one pretrained on another CPU)."""
     if packaged is None:
         return False
     theirs = json.loads((packaged / "organism.json").read_text())["weights_sha256"]
-    mine = hashlib.sha256((cached / "model.safetensors").read_bytes()).hexdigest()
-    return mine != theirs
+    return weights_sha256(cached) != theirs
 
 
 def _warn_if_not_packaged(cached: Path, packaged: Path | None) -> None:
@@ -140,8 +152,8 @@ def build_from_scratch(
     preset: str, overrides: dict | None = None, out: Path | None = None, progress: bool = True
 ) -> tuple[Path, dict]:
     """Pretrain the organism on this machine into `out` (default $SUBLAB_CACHE/organisms-scratch/<name>),
-    never touching the cached or packaged copy that experiments use (their stage keys name the recipe,
-    not the weights) -> (folder, comparison: this build's sha256 against the packaged copy's, if any)."""
+    never touching the cached or packaged copy that experiments use (replacing it would redo every stage
+    built on it: stage keys name the weights) -> (folder, comparison: this build's sha256 against the packaged copy's, if any)."""
     from sublab.organism.pretrain import pretrain
 
     recipe = recipe_for(preset, overrides)
