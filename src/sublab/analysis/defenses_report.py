@@ -230,7 +230,7 @@ def defense_figure(label: str, pairs: list[tuple[dict | None, dict]], path: Path
     )
     bx.set_ylim(max(0.0, lo - 0.1), 1.0)
     ax.legend(fontsize=7)
-    bx.legend(fontsize=7, loc="lower right")
+    bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     fig.suptitle(f"defense: {label}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
