@@ -11,11 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sublab.analysis.meters_report import _f
 from sublab.analysis.stats import paired_diff
-
-
-def _f(x, nd: int = 4) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
 def _label(c: dict) -> str:
@@ -174,9 +171,7 @@ def defense_sections(cells: list[dict], figdir: Path | None) -> tuple[list[str],
             e, r = c["effect"], c["removed"]
             share = "n/a" if c["share_of_baseline"] is None else f"{c['share_of_baseline']:.2f}"
             without = "n/a" if base is None else _ci(base["effect"])
-            gone = "n/a" if r is None else f"{_ci(r)} | {_f(r['p_value'], 3)}"
-            if r is None:
-                gone += " | n/a"
+            gone = "n/a | n/a" if r is None else f"{_ci(r)} | {_f(r['p_value'], 3)}"
             lines.append(
                 f"| {c['target']} | {len(e['seeds'])} | {without} | {_ci(e)} | {gone} | {share} "
                 f"| {_f(base and base['student_pass_rate'], 3)} / {_f(c['student_pass_rate'], 3)} "
@@ -224,11 +219,10 @@ def defense_figure(label: str, pairs: list[tuple[dict | None, dict]], path: Path
         a.set_xticklabels(targets, fontsize=8)
         a.set_title(title, fontsize=9)
     ax.axhline(0, color="black", lw=0.6)
-    lo = np.nanmin(
-        [c["student_pass_rate"] or 1.0 for _, c in pairs]
-        + [b["student_pass_rate"] or 1.0 for b, _ in pairs if b]
-    )
-    bx.set_ylim(max(0.0, lo - 0.1), 1.0)
+    rates = [
+        x["student_pass_rate"] for pair in pairs for x in pair if x and x["student_pass_rate"] is not None
+    ]
+    bx.set_ylim(max(0.0, min(rates, default=1.0) - 0.1), 1.0)
     ax.legend(fontsize=7)
     bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     fig.suptitle(f"defense: {label}", fontsize=10)
