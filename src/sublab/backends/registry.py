@@ -114,27 +114,25 @@ def resolve(spec: str, organism: dict | None = None, progress: bool = True, api=
 def model_identity(spec: str) -> str:
     """What a stage key records of a model it uses but does not train (a judge, a classifier), so that
     other weights behind the same spec redo the stage: an organism's cache folder name (its recipe's
-    hash) and its weights' hash (building it first if missing), a local folder's config and weight files (names and sizes; hashing a
-    7B model's weights at every key would take minutes), else the spec itself (a hub id or an API
-    model: the provider names the weights). Never raises for a spec it cannot read: the stage that uses
+    hash) and its weights' hash (building it first if missing), a local folder's config and weight
+    files (names and sizes; hashing a 7B model's weights at every key would take minutes), else the
+    spec itself (a hub id or an API model: the provider names the weights). Never raises for a spec it cannot read: the stage that uses
     the model reports that."""
     import hashlib
     import os
 
     prefix, _, name = spec.partition("/")  # a spec the stage itself will reject is keyed as given
     if prefix == "organism":
-        from sublab.organism.cache import organism_dir, recipe_for
+        from sublab.organism.cache import organism_dir, organism_weights, recipe_for
         from sublab.organism.recipe import PRESETS
 
         if name not in PRESETS:
             return spec
-        from sublab.organism.cache import organism_weights
-
+        folder = organism_dir(name, recipe_for(name)).name
         try:  # built here if missing, as the stage that loads it would
-            sha = organism_weights(name)
+            return f"{folder}#{organism_weights(name)[:16]}"
         except Exception:  # noqa: BLE001 - the stage that uses it reports the error
-            return organism_dir(name, recipe_for(name)).name
-        return f"{organism_dir(name, recipe_for(name)).name}#{sha[:16]}"
+            return folder
     folder = os.path.expanduser(name)
     if prefix in ("hf", "vllm") and os.path.isdir(folder):
         h = hashlib.sha256()

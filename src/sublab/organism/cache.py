@@ -153,7 +153,8 @@ def build_from_scratch(
 ) -> tuple[Path, dict]:
     """Pretrain the organism on this machine into `out` (default $SUBLAB_CACHE/organisms-scratch/<name>),
     never touching the cached or packaged copy that experiments use (replacing it would redo every stage
-    built on it: stage keys name the weights) -> (folder, comparison: this build's sha256 against the packaged copy's, if any)."""
+    built on it: stage keys name the weights) -> (folder, comparison: this build's sha256 against the
+    packaged copy's, if any)."""
     from sublab.organism.pretrain import pretrain
 
     recipe = recipe_for(preset, overrides)
