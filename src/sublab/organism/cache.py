@@ -4,9 +4,10 @@ corpus come from, so a changed recipe builds a new organism and an unchanged one
 
 A few organisms also ship with the package (organism/prebuilt/<same folder name>/): the quickstart's
 `proto` seed 0 and the cross-init control's seed 1000, the builds the documented figures came from.
-Pretraining is deterministic on one machine but not across CPUs (AVX2 and AVX-512 kernels round differently, and 1,500 steps amplify that
-into another organism: docs/organism.md, "Reproducibility"), so a missing organism with a packaged copy
-is installed from it, and every machine gets the same weights. `sublab organism build --from-scratch`
+Pretraining is deterministic on one machine but not across CPUs (AVX2 and AVX-512 kernels round
+differently, and 1,500 steps amplify that into another organism: docs/organism.md, "Reproducibility"),
+so a missing organism with a packaged copy is installed from it, and every machine gets the same
+weights. `sublab organism build --from-scratch`
 pretrains it anyway, into a folder of its own, and says whether this machine's weights are the packaged
 ones (build_from_scratch)."""
 

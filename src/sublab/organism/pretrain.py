@@ -5,7 +5,6 @@ sublab organism build [--preset default] [--seed N]      (or organism.cache.ensu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -62,8 +61,10 @@ def build_provenance(weights: Path) -> dict:
     another organism; docs/organism.md, "Reproducibility"), and the weights' sha256 to compare builds."""
     import transformers
 
+    from sublab.organism.cache import weights_sha256
+
     return {
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "weights_sha256": weights_sha256(weights.parent),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
